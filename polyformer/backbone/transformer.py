@@ -1,0 +1,117 @@
+"""The shared transformer stack (Vaswani et al. 2017). Encoder, decoder-only and encoder-decoder decoder are
+configurations of this one class: `causal` masks the future, `cross_attention` attends to an encoder's memory.
+
+Inputs are already embedded (tokens or patches); this class adds positions, runs the blocks and the final norm.
+Legend: B batch, T positions, S memory positions, D width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import build_mask
+from .config import TransformerConfig
+from .layers import Block, make_norm
+from .positional import LearnedPositions, RotaryPositions, SinusoidalPositions
+
+Cache = list[dict[str, dict[str, Tensor]]]  # per block: {"self": {"k", "v"}, "cross": {"k", "v"}}
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.positions = {
+            "sinusoidal": lambda: SinusoidalPositions(cfg.width, cfg.max_len),
+            "learned": lambda: LearnedPositions(cfg.width, cfg.max_len),
+            "rotary": lambda: None,
+            "none": lambda: None,
+        }[cfg.position]()
+        self.rope = RotaryPositions(cfg.head_dim, cfg.rope_base) if cfg.position == "rotary" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = make_norm(cfg) if cfg.prenorm and cfg.final_norm else nn.Identity()
+        self.activation_checkpointing = False  # switched on by the task; recomputes each block in backward
+        init_weights(self, cfg.depth)
+
+    def new_cache(self) -> Cache:
+        return [{} for _ in self.blocks]
+
+    def forward(
+        self,
+        x: Tensor,
+        padding_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        memory: Tensor | None = None,
+        memory_padding_mask: Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> Tensor:
+        """x: (B, T, D) embeddings. padding_mask: (B, S_total) True = real token; with a cache it covers the cached
+        positions too. positions: (B|1, T), default counts on from the cache length. memory: (B, S, D)."""
+        offset = cache_length(cache)
+        T, cfg = x.shape[1], self.cfg
+        if positions is None:
+            positions = torch.arange(offset, offset + T, device=x.device)[None]
+        if self.positions is not None:
+            x = x + self.positions(positions).to(x.dtype)
+        rope = self.rope(positions) if self.rope is not None else None
+        x = self.drop(x)
+
+        # Plain causal self-attention takes SDPA's is_causal fast path (flash kernels); anything else gets a mask.
+        simple = padding_mask is None and cfg.window is None
+        is_causal = cfg.causal and simple and offset == 0 and T > 1
+        needs_mask = not simple or (cfg.causal and offset > 0 and T > 1)
+        mask = None
+        if needs_mask:
+            mask = build_mask(
+                T, offset + T, causal=cfg.causal, window=cfg.window, padding_mask=padding_mask, device=x.device
+            )
+        memory_mask = None if memory_padding_mask is None else memory_padding_mask[:, None, None, :].bool()
+
+        for i, block in enumerate(self.blocks):
+            args = (x, mask, is_causal, rope, memory, memory_mask, None if cache is None else cache[i])
+            if self.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x = block(*args)
+        return self.norm(x)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def cache_length(cache: Cache | None) -> int:
+    if not cache or "self" not in cache[0] or "k" not in cache[0]["self"]:
+        return 0
+    return cache[0]["self"]["k"].shape[2]
+
+
+def reorder_cache(cache: Cache, index: Tensor) -> Cache:
+    """Select batch rows (beam search: keep the surviving hypotheses) in every cached tensor."""
+    return [{kind: {k: t.index_select(0, index) for k, t in kv.items()} for kind, kv in lay.items()} for lay in cache]
+
+
+def init_weights(module: nn.Module, depth: int) -> None:
+    """GPT-2 init: N(0, 0.02) weights, zero biases, unit norms; residual projections scaled by 1/sqrt(2 * depth)
+    so the residual stream's variance does not grow with depth."""
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear):
+            std = 0.02 / math.sqrt(2 * depth) if name.endswith(("attn.proj", "mlp.fc2")) else 0.02
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+            nn.init.ones_(m.weight)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, LearnedPositions):
+            nn.init.normal_(m.weight, std=0.02)
+
+
+def training_flops_per_token(num_params: int, depth: int, width: int, seq_len: int) -> float:
+    """6N for the matrix multiplies forward + backward, plus 12 L T D for attention scores (Kaplan et al. 2020)."""
+    return 6 * num_params + 12 * depth * seq_len * width

@@ -1,0 +1,95 @@
+"""Data loaders every data module uses: a training loader that resumes mid-epoch, and evaluation loaders that
+visit each sample exactly once across ranks.
+
+Both samplers subclass DistributedSampler so Lightning leaves them in place instead of swapping in its own,
+and both read the rank and world size when iterated, after the process group exists.
+Lightning saves `state_dict()` of a sized loader with the fit loop and calls `load_state_dict()` on resume;
+sized loaders are not prefetched, so "batches yielded" is exactly "batches trained on".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class ResumableSampler(DistributedSampler):
+    """Seeded shuffle per epoch (or sequential), sharded by rank, equal length on every rank, skippable start."""
+
+    def __init__(self, dataset: Dataset, shuffle: bool = True, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=seed, drop_last=True)
+        self.skip = 0  # samples of this epoch already consumed (set on resume)
+
+    def _indices(self) -> list[int]:
+        world, rank = _world()
+        n = len(self.dataset)  # type: ignore[arg-type]
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        per_rank = n // world  # drop the remainder so every rank takes the same number of steps
+        return order[rank * per_rank : (rank + 1) * per_rank] if not self.shuffle else order[rank::world][:per_rank]
+
+    def __iter__(self) -> Iterator[int]:
+        indices = self._indices()[self.skip :]
+        self.skip = 0
+        return iter(indices)
+
+    def __len__(self) -> int:
+        return len(self.dataset) // _world()[0]  # type: ignore[arg-type]
+
+
+class EvalSampler(DistributedSampler):
+    """Rank r takes samples r, r + world, ...: no padding, so nothing is counted twice (ranks may differ by one)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=False, drop_last=False)
+
+    def __iter__(self) -> Iterator[int]:
+        world, rank = _world()
+        return iter(range(rank, len(self.dataset), world))  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        world, rank = _world()
+        return len(range(rank, len(self.dataset), world))  # type: ignore[arg-type]
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader whose position within the epoch is part of the checkpoint."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = True, seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(
+            dataset, batch_size=batch_size, sampler=ResumableSampler(dataset, shuffle, seed), drop_last=True, **kwargs
+        )
+        self.batches_done = 0
+
+    def __iter__(self):  # type: ignore[override]
+        sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
+        sampler.skip = self.batches_done * self.batch_size  # type: ignore[operator]
+        for batch in super().__iter__():
+            self.batches_done += 1
+            yield batch
+        self.batches_done = 0
+        sampler.set_epoch(sampler.epoch + 1)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches_done": self.batches_done}  # type: ignore[attr-defined]
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.set_epoch(state["epoch"])  # type: ignore[attr-defined]
+        self.batches_done = state["batches_done"]
+
+
+def eval_loader(dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=EvalSampler(dataset), **kwargs)

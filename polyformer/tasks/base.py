@@ -1,0 +1,189 @@
+"""What every task shares: the optimizer and its schedule, data-linked sizes, compile / activation-checkpointing
+switches, and checkpoint metadata that loads with `torch.load(weights_only=True)`.
+
+Optimizer recipe: AdamW (Loshchilov & Hutter 2019) with the paper's betas (0.9, 0.98) and eps 1e-9 as defaults,
+weight decay on matrices only, linear warmup then cosine decay to a floor, or the paper's inverse-sqrt schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import nn
+
+from polyformer.backbone import Transformer
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.98)  # the paper's; GPT-2 reproductions use (0.9, 0.95)
+    eps: float = 1e-9
+    weight_decay: float = 0.1  # applied to matrices only (not biases, norms, positions, class tokens)
+    schedule: Literal["cosine", "inverse_sqrt", "constant"] = "cosine"
+    warmup_steps: int = 100
+    max_steps: int | None = None  # length of the cosine; None = the Trainer's estimated optimizer steps
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optimizer.lr must be > 0, got {self.lr}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optimizer.betas must each be in [0, 1), got {self.betas}")
+        if self.weight_decay < 0 or self.warmup_steps < 0 or self.eps <= 0:
+            raise ValueError(
+                f"optimizer.weight_decay and warmup_steps must be >= 0 and eps > 0, got "
+                f"{self.weight_decay}, {self.warmup_steps}, {self.eps}"
+            )
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optimizer.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+def lr_multiplier(step: int, cfg: OptimizerConfig, total_steps: int) -> float:
+    """Factor on the peak lr at optimizer step `step` (0-based)."""
+    warmup = cfg.warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "inverse_sqrt":  # the paper: d^-0.5 min(s^-0.5, s warmup^-1.5), normalised to 1 at warmup
+        return math.sqrt(max(warmup, 1) / (step + 1))
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def weight_decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices (linear and embedding weights); not biases, norms, positions, class tokens or temperatures."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or any(k in name for k in ("positions", "pos_embed", "cls_token", "logit_scale"))
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def to_primitive(value: Any) -> Any:
+    """Dataclasses, tuples and paths to plain dicts/lists/strings, so checkpoints load with weights_only=True."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_primitive(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): to_primitive(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_primitive(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class TaskModule(L.LightningModule):
+    """Base of every task. Subclasses call `super().__init__(...)`, then `self.save_hyperparameters()`, and
+    build their modules in `build()`, which runs once sizes linked from the data module are known."""
+
+    # Constructor arguments that default to None and are read from the data module's attribute of the same name.
+    data_links: tuple[str, ...] = ()
+    # Hyperparameters (flattened, prefix match) that must agree between a checkpoint and the model loading it.
+    architecture_hparams: tuple[str, ...] = ("backbone",)
+
+    def __init__(
+        self, optimizer: OptimizerConfig | None = None, compile: bool = False, activation_checkpointing: bool = False
+    ) -> None:
+        super().__init__()
+        self.optim_cfg = optimizer or OptimizerConfig()
+        self.compile_backbone = compile
+        self.activation_checkpointing = activation_checkpointing
+        self._built = False
+
+    # ---- building ---------------------------------------------------------------------------------------------
+    def build(self) -> None:
+        """Create the modules; every `data_links` attribute is set by now."""
+        raise NotImplementedError
+
+    def link_from_data(self, datamodule: Any) -> None:
+        for name in self.data_links:
+            if getattr(self, name, None) is None:
+                value = getattr(datamodule, name, None)
+                if value is None:
+                    raise ValueError(
+                        f"{type(self).__name__}.{name} is not set and the data module "
+                        f"{type(datamodule).__name__} does not provide it; set --model.{name}"
+                    )
+                setattr(self, name, value)
+                self.hparams[name] = value
+
+    def setup(self, stage: str) -> None:
+        if self._trainer is not None and self.trainer.datamodule is not None:
+            self.link_from_data(self.trainer.datamodule)
+
+    def configure_model(self) -> None:
+        # Runs after setup and inside the strategy's context, so FSDP can shard and compile wraps the real modules.
+        if self._built:
+            return
+        self.build()
+        self._built = True
+        for m in self.modules():
+            if isinstance(m, Transformer):
+                m.activation_checkpointing = self.activation_checkpointing
+                if self.compile_backbone:
+                    m.compile()  # in place: state_dict keys stay the same, and DDP/FSDP wrap the compiled module
+
+    # ---- optimisation -----------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optim_cfg
+        fused = self.device.type == "cuda"
+        opt = torch.optim.AdamW(
+            weight_decay_groups(self, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused
+        )
+        total = cfg.max_steps or int(self.trainer.estimated_stepping_batches)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        hp = to_primitive(dict(self.hparams))
+        checkpoint["hyper_parameters"] = hp
+        checkpoint["polyformer"] = {
+            "format": CHECKPOINT_FORMAT,
+            "task": f"{type(self).__module__}.{type(self).__qualname__}",
+            "hyper_parameters": hp,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_compatible(self, checkpoint)
+
+
+def check_compatible(task: TaskModule, checkpoint: dict[str, Any]) -> None:
+    """Refuse a checkpoint of another task or architecture with the mismatching field named."""
+    meta = checkpoint.get("polyformer")
+    if meta is None:
+        raise ValueError("this is not a polyformer checkpoint (no 'polyformer' metadata); was it made by polyformer?")
+    ours = f"{type(task).__module__}.{type(task).__qualname__}"
+    if meta["task"] != ours:
+        raise ValueError(f"the checkpoint is a {meta['task'].rsplit('.', 1)[-1]}, not a {type(task).__name__}")
+    theirs = flatten(meta["hyper_parameters"])
+    mine = flatten(to_primitive(dict(task.hparams)))
+    for key in sorted(theirs.keys() | mine.keys()):
+        if not key.startswith(task.architecture_hparams) or mine.get(key) is None:
+            continue
+        if theirs.get(key) != mine.get(key):
+            raise ValueError(
+                f"checkpoint does not fit this model: {key} is {theirs.get(key)!r} in the checkpoint but "
+                f"{mine.get(key)!r} in the config; use the checkpoint's value or start without it"
+            )
