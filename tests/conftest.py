@@ -1,9 +1,7 @@
 """Test-wide environment: offline hubs and W&B, set before anything imports datasets or wandb."""
 
 import os
-import sys
 import warnings
-from pathlib import Path
 
 # The hub libraries read these at import time: without them a hub name retries for ~23 s instead of failing.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,8 +16,6 @@ import pytest  # noqa: E402
 
 warnings.filterwarnings("ignore", message="The srun command is available")
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
@@ -32,18 +28,3 @@ def _isolated_home(tmp_path_factory, monkeypatch):
         ("WANDB_DATA_DIR", "wandb-data"),
     ]:
         monkeypatch.setenv(var, str(base / sub))
-
-
-def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None):
-    """The CLI as a user runs it: a subprocess of `python -m polyformer`."""
-    import subprocess
-
-    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "polyformer", *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )

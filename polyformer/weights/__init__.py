@@ -1,0 +1,1 @@
+"""Converters from reference implementations' weights to ours: one `convert_*` function per source."""
