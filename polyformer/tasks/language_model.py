@@ -1,0 +1,256 @@
+"""GPT-style language modelling (Radford et al. 2018/2019): a causal decoder-only backbone, token embedding tied with
+the output head (Press & Wolf 2017), next-token cross-entropy, and sampling with the KV cache.
+
+Metrics: loss (nats per token), perplexity = exp(loss), and bits per byte = total nats / (ln 2 * UTF-8 bytes of the
+targets), which does not depend on the tokenizer, so runs with different tokenizers compare.
+Legend: B batch, T positions, D width, V vocabulary (padded to a multiple of 64).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from polyformer.backbone import Cache, TokenEmbedding, Transformer, TransformerConfig
+from polyformer.data.tokenizers import Tokenizer
+from polyformer.decoding import Decoder, sample
+from polyformer.tasks.base import OptimizerConfig, TaskModule
+
+# GPT-2's layout (pre-LN, learned positions, final norm) at a small size; presets set the size.
+GPT_BACKBONE = TransformerConfig(width=256, depth=4, heads=4, position="learned", max_len=256, causal=True)
+
+
+@dataclass
+class SamplingConfig:
+    """Samples printed at the end of fit (and the defaults of `generate_text`)."""
+
+    prompts: list[str] = field(default_factory=list)  # empty: print no samples
+    max_new_tokens: int = 100
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int | None = 50
+    top_p: float | None = None
+    seed: int = 0
+
+
+class TokenLoss(Metric):
+    """Sums of target nats, tokens and bytes across batches and ranks (exact: float64 / int64 sums)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("nats", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tokens", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("bytes", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, nats: Tensor, tokens: int | Tensor, num_bytes: Tensor) -> None:
+        self.nats += nats.double()
+        self.tokens += tokens
+        self.bytes += num_bytes.long()
+
+    def compute(self) -> dict[str, Tensor]:
+        loss = self.nats / self.tokens
+        return {"loss": loss, "ppl": loss.exp(), "bpb": self.nats / (math.log(2) * self.bytes.clamp(min=1))}
+
+
+class LanguageModel(TaskModule):
+    data_links = ("vocab_size",)
+    architecture_hparams = ("backbone", "vocab_size", "tie_embeddings")
+
+    def __init__(
+        self,
+        backbone: TransformerConfig = GPT_BACKBONE,
+        vocab_size: int | None = None,  # linked from the data module's tokenizer
+        tie_embeddings: bool = True,  # output head shares the token embedding matrix
+        init_from: str | None = None,  # a transformers GPT-2 ("gpt2", "gpt2-medium", a local folder) or a .ckpt
+        samples: SamplingConfig | None = None,
+        optimizer: OptimizerConfig | None = None,
+        compile: bool = False,
+        activation_checkpointing: bool = False,
+    ) -> None:
+        super().__init__(optimizer, compile, activation_checkpointing)
+        if not backbone.causal or backbone.cross_attention:
+            raise ValueError(
+                f"a language model needs a causal decoder-only backbone: set backbone.causal=true and "
+                f"backbone.cross_attention=false (got causal={backbone.causal}, "
+                f"cross_attention={backbone.cross_attention})"
+            )
+        self.save_hyperparameters()
+        self.backbone_cfg, self.vocab_size, self.tie_embeddings = backbone, vocab_size, tie_embeddings
+        self.init_from = init_from
+        self.samples = samples or SamplingConfig()
+        self.tokenizer: Tokenizer | None = None  # from the data module, or from the checkpoint
+        self.val_metric = TokenLoss()
+
+    # ---- building ---------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is not None and getattr(dm, "tokenizer", None) is not None:
+            if self.tokenizer is not None and self.tokenizer.vocab_size != dm.tokenizer.vocab_size:
+                raise ValueError("the checkpoint's tokenizer and the data module's tokenizer differ in vocab_size")
+            self.tokenizer = dm.tokenizer
+        block = getattr(dm, "block_size", None)
+        if block is not None and self.backbone_cfg.position == "learned" and block > self.backbone_cfg.max_len:
+            raise ValueError(
+                f"data.block_size ({block}) exceeds model.backbone.max_len ({self.backbone_cfg.max_len}), the "
+                "learned position table; raise max_len or lower block_size"
+            )
+
+    def build(self) -> None:
+        assert self.vocab_size is not None
+        padded = 64 * math.ceil(self.vocab_size / 64)  # aligned matmuls; the extra logits are cut off in forward
+        self.embed = TokenEmbedding(padded, self.backbone_cfg.width)
+        self.backbone = Transformer(self.backbone_cfg)
+        self.head = nn.Linear(self.backbone_cfg.width, padded, bias=False)
+        if self.tie_embeddings:
+            self.head.weight = self.embed.weight
+        else:
+            nn.init.normal_(self.head.weight, std=0.02)
+        if self.tokenizer is not None:
+            self.register_buffer("token_bytes", torch.tensor(self.tokenizer.token_bytes()), persistent=False)
+        if self.init_from:
+            self._load_init_weights(self.init_from)
+
+    def _load_init_weights(self, source: str) -> None:
+        if source.endswith(".ckpt"):
+            from polyformer.checkpoint import load_checkpoint
+
+            state = load_checkpoint(source)["state_dict"]
+        else:
+            from polyformer.weights.gpt2 import load_gpt2_state_dict
+
+            state = load_gpt2_state_dict(source, self.backbone_cfg, self.embed.weight.shape[0])
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if not k.startswith("val_metric")]:
+            raise ValueError(f"init_from {source!r} does not fit this model: missing {missing}, unexpected {unexpected}")
+
+    # ---- model ------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        tokens: Tensor,
+        padding_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> Tensor:  # (B, T) -> (B, T, vocab_size)
+        h = self.backbone(self.embed(tokens), padding_mask=padding_mask, positions=positions, cache=cache)
+        return self.head(h)[..., : self.vocab_size]
+
+    def token_losses(self, batch: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-token nats (B, T) and target bytes (B, T) of a (B, T + 1) block."""
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = self(inputs)
+        nats = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+        return nats.view_as(targets), self.token_bytes[targets]
+
+    # ---- steps ------------------------------------------------------------------------------------------------
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        nats, num_bytes = self.token_losses(batch)
+        loss = nats.mean()
+        bpb = nats.sum().detach() / (math.log(2) * num_bytes.sum().clamp(min=1))
+        self.log("train_loss", loss, prog_bar=True)
+        self.log_dict({"train_ppl": loss.detach().exp(), "train_bpb": bpb})
+        return loss
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        nats, num_bytes = self.token_losses(batch)
+        self.val_metric.update(nats.sum(), nats.numel(), num_bytes.sum())
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metric.compute()  # summed over ranks, so 1 and 2 processes give the same numbers
+        self.val_metric.reset()
+        self.log("val_loss", values["loss"].float(), prog_bar=True)
+        self.log_dict({"val_ppl": values["ppl"].float(), "val_bpb": values["bpb"].float()})
+
+    def on_fit_end(self) -> None:
+        if self.samples.prompts and self.trainer.is_global_zero:
+            texts = self.generate_text(self.samples.prompts)
+            rule = "-" * 80
+            print(f"\n{rule}\nSamples (temperature {self.samples.temperature}, top_k {self.samples.top_k}):")
+            for prompt, text in zip(self.samples.prompts, texts):
+                print(f"{rule}\n{prompt}{text}")
+            print(rule)
+
+    # ---- generation -------------------------------------------------------------------------------------------
+    def decoder(self, use_cache: bool = True) -> Decoder:
+        """A `Decoder` whose logits never pick padding, the vocabulary's padded tail, or specials other than eos."""
+        banned = [i for i in (self.tokenizer.special_ids if self.tokenizer else []) if i != self.tokenizer.eos_id]
+
+        def forward(tokens: Tensor, mask: Tensor | None, positions: Tensor, cache: Cache | None) -> Tensor:
+            logits = self(tokens, mask, positions, cache)
+            return logits.index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf")) if banned else logits
+
+        return Decoder(forward, self.backbone.new_cache, use_cache)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int = 100,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        seed: int | None = 0,
+        use_cache: bool = True,
+    ) -> list[list[int]]:
+        """Continue token prompts (different lengths are fine); stops at eos_id. Returns the new tokens."""
+        longest = max(map(len, prompts), default=0) + max_new_tokens
+        if self.backbone_cfg.position == "learned" and longest > self.backbone_cfg.max_len:
+            raise ValueError(
+                f"prompt + max_new_tokens = {longest} tokens exceed the model's context (backbone.max_len = "
+                f"{self.backbone_cfg.max_len}); lower max_new_tokens or shorten the prompt"
+            )
+        generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        pad = self.tokenizer.pad_id if self.tokenizer else 0
+        was_training = self.training
+        self.eval()
+        try:
+            return sample(
+                self.decoder(use_cache), prompts, max_new_tokens, temperature, top_k, top_p,
+                eos_id=eos_id, pad_id=pad, device=self.device, generator=generator,
+            )  # fmt: skip
+        finally:
+            self.train(was_training)
+
+    def generate_text(
+        self,
+        prompts: list[str],
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> list[str]:
+        """Continue text prompts (None = the `samples` setting). Each prompt starts after an end-of-text token, like
+        a new document in training."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: train it with a text data module or load a checkpoint")
+        s, tok = self.samples, self.tokenizer
+        ids = self.generate(
+            [[tok.bos_id, *tok.encode(p)] for p in prompts],
+            max_new_tokens=s.max_new_tokens if max_new_tokens is None else max_new_tokens,
+            temperature=s.temperature if temperature is None else temperature,
+            top_k=s.top_k if top_k is None else top_k,
+            top_p=s.top_p if top_p is None else top_p,
+            eos_id=tok.eos_id,
+            seed=s.seed if seed is None else seed,
+        )
+        return tok.decode_batch(ids)
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.tokenizer is not None:  # a JSON string: `generate --ckpt` needs nothing else
+            checkpoint["tokenizer"] = self.tokenizer.to_json()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if "tokenizer" in checkpoint and self.tokenizer is None:
+            self.tokenizer = Tokenizer.from_json(checkpoint["tokenizer"])
