@@ -25,8 +25,8 @@ class SinusoidalPositions(nn.Module):
         self.dim = dim
         self.register_buffer("table", sinusoidal(torch.arange(max_len), dim), persistent=False)
 
-    def forward(self, positions: Tensor) -> Tensor:  # (B, T) -> (B, T, D)
-        if positions.max() < self.table.shape[0]:
+    def forward(self, positions: Tensor, end: int) -> Tensor:  # (B, T) -> (B, T, D); every position < end
+        if end <= self.table.shape[0]:
             return self.table[positions]
         return sinusoidal(positions, self.dim).to(self.table.dtype)  # beyond the table: the formula holds for any pos
 
@@ -36,10 +36,11 @@ class LearnedPositions(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(max_len, dim))
 
-    def forward(self, positions: Tensor) -> Tensor:
-        if not torch.compiler.is_compiling() and positions.max() >= self.weight.shape[0]:
+    def forward(self, positions: Tensor, end: int) -> Tensor:
+        # `end` bounds the positions without reading them back from the device (no sync, no graph break).
+        if end > self.weight.shape[0]:
             raise ValueError(
-                f"position {int(positions.max())} is beyond the learned table of {self.weight.shape[0]} (max_len); "
+                f"{end} positions do not fit the learned table of {self.weight.shape[0]} (backbone.max_len); "
                 "raise backbone.max_len or shorten the input"
             )
         return self.weight[positions]

@@ -56,8 +56,8 @@ class Transformer(nn.Module):
         T, cfg = x.shape[1], self.cfg
         if positions is None:
             positions = torch.arange(offset, offset + T, device=x.device)[None]
-        if self.positions is not None:
-            x = x + self.positions(positions).to(x.dtype)
+        if self.positions is not None:  # given positions never exceed their slot (left padding only lowers them)
+            x = x + self.positions(positions, end=offset + T).to(x.dtype)
         rope = self.rope(positions) if self.rope is not None else None
         x = self.drop(x)
 
