@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import inspect
 import pickle
+import re
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,20 +23,43 @@ class CheckpointError(ValueError):
     pass
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint without unpickling arbitrary objects."""
+def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """`torch.load(weights_only=True)` with one clear error per way a file can be wrong. Never unpickles objects:
+    a file that holds anything but tensors and plain values (e.g. a pickle crafted to run code) is refused."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except RuntimeError as e:
+        if mmap and "mmap" in str(e):  # torch's older, non-zip format cannot be mapped: read it whole instead
+            return read_checkpoint(path, map_location)
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated or corrupt?): {_first_line(e)}"
+        ) from None
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refusing to load {path}: it holds objects other than tensors and plain values, which could run code "
-            f"when unpickled ({str(e).splitlines()[0][:200]}). Only load checkpoints from sources you trust."
+            f"when unpickled ({_first_line(e)}). Only load checkpoints from sources you trust."
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {e}") from None
+    except (EOFError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated or corrupt?): {_first_line(e)}"
+        ) from None
+
+
+def _first_line(e: BaseException) -> str:
+    # torch's unpickling errors run to a page of advice about weights_only=False, which is exactly what not to do;
+    # the one line worth showing names the refused object ("Unsupported global: GLOBAL io.open ...").
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+    lines = [line for line in lines if line]
+    named = [line for line in lines if "WeightsUnpickler error" in line]
+    return (named or lines or [type(e).__name__])[0].split(". Please use")[0][:300]
+
+
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Read a Lightning checkpoint without unpickling arbitrary objects (mmap: map the tensors, don't read them)."""
+    ckpt = read_checkpoint(path, mmap=mmap)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
     return ckpt

@@ -2,19 +2,38 @@
 
 Subclass mode: a YAML file picks the task (`model.class_path`) and the data (`data.class_path`); several
 `--config` files compose and dotted flags override (`--model.backbone.depth=12`).
+
+Every run from here gets, whatever the presets say: atomic checkpoint writes and weights-only loads
+(`polyformer.checkpoint_io`), and the callbacks in `ALWAYS_ON`, each configurable as `--<name>.<arg>`.
+Mistakes in the config or on the command line end in one short message before anything trains.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import os
+import re
 import sys
+import textwrap
+import typing
+from typing import Any
 
 VERBS = {
     "generate": ("polyformer.commands.generate", "continue prompts with a language-model checkpoint"),
     "translate": ("polyformer.commands.translate", "translate lines with a translation checkpoint"),
     "classify": ("polyformer.commands.classify", "print the top classes of image files with a ViT checkpoint"),
     "score": ("polyformer.commands.score", "score images against texts with a CLIP checkpoint"),
+}
+
+# Callbacks registered for every run, by config key: `--guards.on_nonfinite=skip`. One line per callback.
+ALWAYS_ON = {
+    "guards": "polyformer.callbacks.guards.TrainingGuards",
+    "run_metadata": "polyformer.loggers.RunMetadata",
+    "stats": "polyformer.callbacks.stats.TrainingStats",
+    "lr": "polyformer.callbacks.stats.LearningRate",
+    "media": "polyformer.callbacks.media.TaskMedia",
 }
 
 DESCRIPTION = "polyformer: one transformer backbone for language modelling, translation, ViT and CLIP.\n\n" + (
@@ -26,16 +45,71 @@ def debug_enabled(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("POLYFORMER_DEBUG", "") not in ("", "0")
 
 
+def _import(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def make_cli_class() -> type:
+    """PolyformerCLI, built on first use so that `polyformer generate` does not pay for importing Lightning's CLI."""
+    from argparse import ArgumentError
+
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+    from polyformer.checkpoint_io import with_atomic_checkpoint_io
+
+    class PolyformerCLI(LightningCLI):
+        def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+            # Raise ArgumentError instead of printing the whole usage and exiting: `main` prints one line.
+            kwargs.setdefault("exit_on_error", False)
+            return super().init_parser(**kwargs)
+
+        def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+            try:
+                super().parse_arguments(parser, args)
+            except ArgumentError as e:
+                sub = next((a for a in (args if args is not None else sys.argv[1:]) if a in self.subcommands()), None)
+                raise ConfigError(explain_config_error(e, self._subcommand_parsers.get(sub, parser))) from e
+
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except ValueError as e:  # a constructor's check (TransformerConfig, a data module, ...) inside a wrapper
+                raise ConfigError(explain_config_error(e, None)) from e
+
+        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            for name, class_path in ALWAYS_ON.items():
+                parser.add_lightning_class_args(_import(class_path), name)
+
+        def _parse_ckpt_path(self) -> None:
+            # Lightning's version reads the checkpoint's hyperparameters into the model config, so a checkpoint of
+            # another architecture would silently replace the one the user asked for. Instead, only check early that
+            # the file is a safe, readable checkpoint; TaskModule.on_load_checkpoint then names any mismatching field.
+            subcommand = self.config.get("subcommand")
+            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if ckpt_path and os.path.isfile(ckpt_path):
+                from polyformer.checkpoint import load_checkpoint
+
+                load_checkpoint(ckpt_path, mmap=True)  # mmap: tensors are not read, only the structure is checked
+
+        def instantiate_trainer(self, **kwargs: Any) -> Any:
+            config = self._get(self.config_init, "trainer", default={})
+            # Merged here, not via trainer_defaults: a preset setting trainer.plugins would replace a default.
+            kwargs["plugins"] = with_atomic_checkpoint_io(kwargs.get("plugins", config.get("plugins")))
+            return super().instantiate_trainer(**kwargs)
+
+    return PolyformerCLI
+
+
 def run_lightning_cli(argv: list[str] | None) -> None:
     """argv None = sys.argv: Lightning's DDP launcher re-runs sys.argv for the other ranks, so it must stay intact."""
     from argparse import RawDescriptionHelpFormatter
 
     import lightning as L
-    from lightning.pytorch.cli import LightningCLI
 
     from polyformer.tasks.base import TaskModule
 
-    LightningCLI(
+    make_cli_class()(
         TaskModule,
         L.LightningDataModule,
         subclass_mode_model=True,
@@ -60,12 +134,193 @@ def main(argv: list[str] | None = None) -> int:
             return importlib.import_module(VERBS[args[0]][0]).main(args[1:]) or 0
         run_lightning_cli(None if from_sys else args)
         return 0
-    except (ValueError, FileNotFoundError, ConnectionError, RuntimeError) as e:
-        if debug:
+    except Exception as e:
+        if debug or not is_user_error(e):
             raise
         # One readable line instead of a traceback; --debug or POLYFORMER_DEBUG=1 shows the traceback.
-        print(f"polyformer: error: {e}\n(run with --debug for the traceback)", file=sys.stderr)
+        # One write, so that the lines of several DDP ranks failing together do not interleave.
+        sys.stderr.write(f"polyformer: error: {describe_error(e)}\n(run with --debug for the traceback)\n")
+        sys.stderr.flush()
         return 1
+
+
+class ConfigError(ValueError):
+    """A mistake in the config or on the command line, already phrased for the user."""
+
+
+def is_user_error(e: BaseException) -> bool:
+    from argparse import ArgumentError
+
+    # RuntimeError covers NonFiniteLossError and out-of-memory; anything else unexpected keeps its traceback.
+    return isinstance(e, (ValueError, FileNotFoundError, ConnectionError, RuntimeError, ArgumentError))
+
+
+def describe_error(e: BaseException) -> str:
+    from polyformer.callbacks.guards import is_out_of_memory, out_of_memory_hint
+
+    hint = getattr(e, "polyformer_hint", None)  # set by the guards callback on out-of-memory errors in training
+    if hint is None and is_out_of_memory(e):
+        hint = out_of_memory_hint(None)
+    return f"{hint} ({first_line(e)})" if hint else " ".join(str(e).split("\n")).strip()
+
+
+def first_line(e: BaseException | str) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+# ---- config errors: jsonargparse's nested messages -> "key: what is wrong; what is accepted" -----------------------
+_PARSER_KEY = re.compile(r'^Parser key "([^"]+)":')
+_CLASS_PATH = re.compile(r"^Problem with given class_path '([^']+)':")
+_UNKNOWN = [
+    re.compile(r"^unrecognized arguments: --([\w.]+)(?:=(.*))?"),
+    re.compile(r"^Group '([\w.]+)' does not accept option '([\w.]+)'"),
+    re.compile(r"^Option '([\w.]+)' is not accepted"),
+    re.compile(r"^Subcommand '\w+' does not accept option '([\w.]+)'"),
+    re.compile(r"^Key '([\w.]+)' is not expected"),
+]
+_EXPECTED = re.compile(r"^Expected an? (.+?)\. Got value: (.*)$", re.S)
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while e is not None and e not in seen:
+        seen.append(e)
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return seen
+
+
+def _error_texts(error: BaseException) -> list[str]:
+    """The messages from outermost to innermost. jsonargparse chains the first alternative of a union; where that one
+    failed trivially ("Expected a <class 'str'>") and a class_path alternative failed for a reason, follow that."""
+    texts = []
+    for e in _chain(error):
+        texts.append(str(e).strip())
+        if "Does not validate against any of the Union subtypes" in texts[-1]:
+            items = _union_items(texts[-1])
+            reasons = [i for i in items if i.startswith("Problem with given class_path")]
+            if reasons and items and re.fullmatch(r"Expected an? <class '[\w.]+'>", items[0]):
+                rest = reasons[0].partition("\n")[2]
+                return [*texts, reasons[0], textwrap.dedent(rest).strip()]
+    return texts
+
+
+def _union_items(text: str) -> list[str]:
+    """The "- ..." entries under "Errors:" of a jsonargparse union message, each dedented."""
+    block = text.split("Errors:\n", 1)[-1].split("\nGiven value type:", 1)[0]
+    block = textwrap.dedent(block)
+    return [textwrap.dedent(item).strip() for item in re.split(r"^- ", block, flags=re.M) if item.strip()]
+
+
+def explain_config_error(error: BaseException, parser: Any) -> str:
+    """One line naming the key, the value given and what is accepted, from jsonargparse's error chain."""
+    keys: list[str] = []  # "model", then "backbone.depth" inside the model's class
+    class_path, unknown, value, literals = None, None, None, []
+    texts = _error_texts(error)
+    for text in texts:
+        if m := _PARSER_KEY.match(text):
+            if not keys or keys[-1] != m[1]:
+                keys.append(m[1])
+        elif m := _CLASS_PATH.match(text):
+            class_path = m[1]
+        if "Does not validate against any of the Union subtypes" in text:  # e.g. precision: several Literals
+            subtypes = text.split("Subtypes:", 1)[1].split("\n", 1)[0]
+            for group in re.findall(r"Literal\[([^\]]*)\]", subtypes):
+                literals += [v for v in (v.strip(" '") for v in group.split(",")) if v not in literals]
+            if value is None and (m := re.search(r"NestedArg\(key='[^']*', val='(.*)'\)", text)):
+                value = m[1]
+        for pattern in _UNKNOWN:
+            if m := pattern.match(text):
+                groups = [g for g in m.groups() if g is not None]
+                if pattern is _UNKNOWN[1]:
+                    unknown = f"{groups[0]}.{groups[1]}"
+                else:
+                    unknown, value = groups[0], (groups[1] if len(groups) > 1 else value)
+    leaf = texts[-1]
+    prefix = ".".join(keys)
+    if unknown is not None:
+        inside = keys[0] if keys and class_path else ""  # the key whose class_path the unknown key belongs to
+        return _unknown_key(f"{inside}.{unknown}" if inside else unknown, unknown, value, class_path, parser)
+    if class_path and re.search(r"No module named|has no attribute", leaf):
+        return f"{prefix}.class_path: cannot import {class_path!r} ({first_line(leaf)})"
+    if m := _EXPECTED.match(leaf):
+        return f"{prefix}: {_expected(m[1], m[2].strip(), literals)}"
+    text = " ".join(line.strip() for line in leaf.splitlines() if line.strip())
+    if text.startswith("the following arguments are required:"):
+        missing = ", ".join(k.split(".", 1)[-1] for k in text.split(":", 1)[1].split(","))
+        return (
+            f"missing required value(s): {missing}. Pass a preset, e.g. --config configs/lm/tiny.yaml, or set "
+            "--model.class_path / --data.class_path (polyformer --help lists the commands)"
+        )
+    if m := re.match(r"argument subcommand: invalid choice: '([^']*)'", text):
+        text += _did_you_mean(m[1], ["fit", "validate", "test", "predict", *VERBS])
+    if text.startswith('expected "subcommand"'):
+        text = f"no command given: use one of fit, validate, test, predict, or a task verb: {', '.join(VERBS)}"
+    if any(str(e).startswith("Problems parsing config") for e in _chain(error)):
+        text = "a --config file is not valid YAML: " + text.replace('"<unicode string>", ', "")
+        if "could not determine a constructor" in text:
+            text += " (configs are plain YAML: tags that build Python objects are refused)"
+    return f"{prefix}: {text}" if prefix else text
+
+
+def _expected(typ: str, got: str, literals: list[str]) -> str:
+    choices = literals
+    if not choices and "Literal[" in typ:
+        choices = [v.strip(" '") for v in re.findall(r"Literal\[(.*)\]", typ)[0].split(",")]
+    if choices:
+        return f"{got!r} is not accepted; choose one of {', '.join(choices)}{_did_you_mean(got, choices)}"
+    typ = re.sub(r"<class '(?:\w+\.)*(\w+)'>", r"\1", typ)
+    return f"expected {typ}, got {got!r}"
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unknown_key(key: str, relative: str, value: str | None, class_path: str | None, parser: Any) -> str:
+    """key: as the user would write it (model.backbone.widht); relative: within class_path's signature, if any."""
+    group, name = key.rpartition(".")[0], key.rpartition(".")[2]
+    accepted = _accepted_keys(relative.rpartition(".")[0] if class_path else group, class_path, parser)
+    given = f" (given {value!r})" if value is not None else ""
+    listing = f"; {group or 'the top level'} accepts: {', '.join(accepted)}" if accepted else ""
+    return f"{key}: unknown key{given}{_did_you_mean(name, accepted)}{listing}"
+
+
+def _accepted_keys(group: str, class_path: str | None, parser: Any) -> list[str]:
+    """Names valid directly under `group`: from the task/data class's signature, else from the parser."""
+    if class_path:
+        try:
+            cls: Any = _import(class_path)
+        except (ImportError, AttributeError):
+            return []
+        for part in filter(None, group.split(".")):  # "backbone" -> the type of the model's `backbone` argument
+            cls = _param_types(cls).get(part)
+        return sorted(_param_types(cls)) if cls is not None else []
+    if parser is None:
+        return []
+    prefix = f"{group}." if group else ""
+    names = {a.dest[len(prefix) :].split(".")[0] for a in parser._actions if a.dest.startswith(prefix)}
+    return sorted(n for n in names if n and n != "help")
+
+
+def _param_types(cls: Any) -> dict[str, Any]:
+    """Constructor parameters of a class (or fields of a dataclass) -> their type, with Optional unwrapped."""
+    if not isinstance(cls, type):
+        return {}
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # unresolvable annotations: still list the names
+        hints = {}
+    params = inspect.signature(cls.__init__).parameters
+    out = {}
+    for name, p in params.items():
+        if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        hint = hints.get(name)
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        out[name] = args[0] if len(args) == 1 else hint
+    return out
 
 
 if __name__ == "__main__":

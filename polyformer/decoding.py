@@ -132,8 +132,8 @@ def beam_search(
         for b in range(B):
             if done[b]:
                 continue
-            for j in range(2 * K):
-                force = t >= max_len[b] and j < K  # out of length: the top K end here whatever they are
+            for j in range(K):  # only the top K may end: a worse eos must not fill the finished list (fairseq too)
+                force = t >= max_len[b]  # out of length: the top K end here whatever they are
                 if (is_eos[b, j] or force) and top_scores[b, j] > float("-inf") and len(finished[b]) < K:
                     hyp = tokens[b * K + beam[b, j], 1:].tolist() + ([] if is_eos[b, j] else [int(tok[b, j])])
                     finished[b].append((float(top_scores[b, j]) / norm, hyp))

@@ -21,6 +21,8 @@ warnings.filterwarnings("ignore", message="The srun command is available")
 def _isolated_home(tmp_path_factory, monkeypatch):
     """Keep wandb's and HF's caches out of the user's home."""
     base = tmp_path_factory.getbasetemp()
+    # An in-process wandb run leaves WANDB_SERVICE set; later CLI subprocesses would join that run's service.
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
     for var, sub in [
         ("WANDB_DIR", "wandb"),
         ("WANDB_CACHE_DIR", "wandb-cache"),

@@ -1,15 +1,15 @@
-"""Random-number-generator states in the checkpoint, so a resumed run draws the same dropout masks and augmentations
-as one that never stopped. Lightning saves model, optimizer, scheduler, loops and data position, but not the RNGs.
+"""Random-number-generator states in the checkpoint, so a resumed run draws the same dropout masks (and in-process
+augmentations) as one that never stopped. Lightning saves model, optimizer, scheduler, loops and data position,
+but not the RNGs.
 
 The states are stored as tensors, ints and lists (no numpy arrays, no tuples of objects), so checkpoints still load
 with `torch.load(weights_only=True)`.
 
-When to restore matters: between `fit` starting and the first training batch the resumed run creates data-loader
-iterators, and each creation draws a seed from the global torch generator. The uninterrupted run made no such draws
-after a mid-epoch checkpoint, so the states are put back at the first `on_train_batch_start` after the resume, i.e.
-after the loader has drawn its seed and right before the first step. (At an epoch-boundary checkpoint the
-uninterrupted run *does* draw once for the next epoch's loader; that draw is exact only if the training loader owns
-its own `generator`, see docs/cluster.md.)
+Which state: the one at the end of the last training batch, put back at the start of the next one. Everything
+between two training batches (validation, creating data-loader iterators, which draws a seed from the global torch
+generator, checkpointing, logging) is thereby kept out of the training stream of random numbers. So a run resumed
+from any checkpoint (mid-epoch, after validation, at an epoch boundary, a SLURM requeue) draws exactly the dropout
+masks of the run that never stopped, and changing how often validation runs does not change training.
 
 Only the state of the saving rank (rank 0) is written: Lightning seeds every rank alike (`seed_everything`), and the
 ranks make the same draws in lockstep, so rank 0's state is every rank's state. Gathering per-rank states would need
@@ -62,17 +62,21 @@ class RNGState(Callback):
     """Stores torch / CUDA / numpy / python RNG states in each checkpoint and restores them on resume."""
 
     def __init__(self) -> None:
-        self._pending: dict[str, Any] | None = None  # loaded from a checkpoint, not yet applied
+        self._states: dict[str, Any] | None = None  # at the end of the last training batch, or loaded on resume
 
     def state_dict(self) -> dict[str, Any]:
-        return collect_rng_states()
+        return self._states if self._states is not None else collect_rng_states()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending = state_dict
+        self._states = state_dict
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._pending is not None:
-            restore_rng_states(self._pending)
-            self._pending = None
+        if self._states is not None:
+            restore_rng_states(self._states)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._states = collect_rng_states()

@@ -28,18 +28,34 @@ LANGUAGES: tuple[str, ...] = ("fr", "de", "es")
 # (English, French, German, Spanish); nouns are masculine in French and Spanish, so numbers need no agreement.
 COUNT_TEMPLATES: list[tuple[str, str, str, str]] = [
     ("I counted {n} birds.", "j'ai compté {n} oiseaux.", "ich habe {n} Vögel gezählt.", "he contado {n} pájaros."),
-    ("the library owns {n} books.", "la bibliothèque possède {n} livres.", "die Bibliothek besitzt {n} Bücher.",
-     "la biblioteca tiene {n} libros."),  # fmt: skip
-    ("the ticket costs {n} euros.", "le billet coûte {n} euros.", "die Karte kostet {n} Euro.",
-     "el billete cuesta {n} euros."),  # fmt: skip
-    ("there are {n} trees in the park.", "il y a {n} arbres dans le parc.", "im Park stehen {n} Bäume.",
-     "hay {n} árboles en el parque."),  # fmt: skip
+    (
+        "the library owns {n} books.",
+        "la bibliothèque possède {n} livres.",
+        "die Bibliothek besitzt {n} Bücher.",
+        "la biblioteca tiene {n} libros.",
+    ),
+    (
+        "the ticket costs {n} euros.",
+        "le billet coûte {n} euros.",
+        "die Karte kostet {n} Euro.",
+        "el billete cuesta {n} euros.",
+    ),
+    (
+        "there are {n} trees in the park.",
+        "il y a {n} arbres dans le parc.",
+        "im Park stehen {n} Bäume.",
+        "hay {n} árboles en el parque.",
+    ),
     ("{n}", "{n}", "{n}", "{n}"),
 ]
 DATE_TEMPLATES: list[tuple[str, str, str, str]] = [
     ("on {month} {day}, {year}", "le {day} {month} {year}", "am {day} {month} {year}", "el {day} de {month} de {year}"),
-    ("she was born on {month} {day}, {year}.", "elle est née le {day} {month} {year}.",
-     "sie wurde am {day} {month} {year} geboren.", "ella nació el {day} de {month} de {year}."),  # fmt: skip
+    (
+        "she was born on {month} {day}, {year}.",
+        "elle est née le {day} {month} {year}.",
+        "sie wurde am {day} {month} {year} geboren.",
+        "ella nació el {day} de {month} de {year}.",
+    ),
 ]
 DAYS_IN_MONTH = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 
@@ -92,7 +108,9 @@ def _sample(rng: random.Random, lang: str, max_number: int) -> tuple[str, Pair]:
     tpl = rng.choice(DATE_TEMPLATES)
     en_month, month_name = get_month_names("wide", locale="en")[month], get_month_names("wide", locale=lang)[month]
     en = tpl[0].format(month=en_month, day=_day(day, "en"), year=_year(year, "en"))
-    return f"d{year}-{month}-{day}", Pair(en, tpl[col].format(month=month_name, day=_day(day, lang), year=_year(year, lang)))
+    return f"d{year}-{month}-{day}", Pair(
+        en, tpl[col].format(month=month_name, day=_day(day, lang), year=_year(year, lang))
+    )
 
 
 @lru_cache(maxsize=8)
@@ -107,7 +125,9 @@ def number_corpus(
     """`size` distinct English -> `target_lang` pairs of one split. Values (numbers, dates) of different splits are
     disjoint, so no test or validation sentence appears in training."""
     if target_lang not in LANGUAGES:
-        raise ValueError(f"the number corpus translates English into one of {LANGUAGES}, got target_lang={target_lang!r}")
+        raise ValueError(
+            f"the number corpus translates English into one of {LANGUAGES}, got target_lang={target_lang!r}"
+        )
     if not 0.0 < held_out < 0.5:
         raise ValueError(f"held_out must be in (0, 0.5) (the test and validation share of values), got {held_out}")
     if size < 1 or max_number < 10:

@@ -80,7 +80,8 @@ class TokenBlocks(Dataset):
 
 class StreamingBlocks(IterableDataset):
     """Training blocks packed on the fly from a streamed corpus (bigger than the disk): each rank and worker reads
-    its own shards. Resuming restarts the stream (the position inside a stream is not checkpointed)."""
+    its own shards. Resuming restarts the stream (the position inside a stream is not checkpointed), and ranks may
+    reach the end of a finite stream at different steps: bound the run with trainer.max_steps."""
 
     def __init__(self, docs: Any, tokenizer: Tokenizer, text_field: str, block_size: int, val_fraction: float) -> None:
         self.docs, self.tokenizer, self.text_field = docs, tokenizer, text_field
@@ -90,9 +91,13 @@ class StreamingBlocks(IterableDataset):
         import torch.distributed as dist
         from datasets.distributed import split_dataset_by_node
 
+        # Every (rank, worker) pair reads its own part: whole shards when they divide evenly, else every n-th row.
+        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         docs = self.docs
-        if dist.is_available() and dist.is_initialized():
-            docs = split_dataset_by_node(docs, rank=dist.get_rank(), world_size=dist.get_world_size())
+        if world * workers > 1:
+            docs = split_dataset_by_node(docs, rank=rank * workers + worker, world_size=world * workers)
         buffer: list[int] = []
         for row in docs:
             text = row[self.text_field]
@@ -115,7 +120,7 @@ class TextDataModule(L.LightningDataModule):
         train_split: str = "train",
         val_split: str | None = None,  # the hub dataset's own validation split; None = hold out val_fraction
         val_fraction: float = 0.05,  # share of documents held out (by a hash of their text) when val_split is None
-        streaming: bool = False,  # hub datasets bigger than the disk: train from the stream, no token cache
+        streaming: bool = False,  # corpora bigger than the disk: train from the stream, no token cache
         stream_val_documents: int = 2000,  # streaming: how many held-out documents the validation set reads
         tokenizer: str = "bpe",  # "byte", "bpe" (trained on the training split), or a tokenizer.json / hub name
         bpe_vocab_size: int = 4096,
@@ -133,13 +138,14 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         if block_size < 1 or batch_size < 1:
             raise ValueError(f"data.block_size and data.batch_size must be >= 1, got {block_size}, {batch_size}")
-        if streaming and self._kind(source) != "hub":
-            raise ValueError(f"data.streaming is for hub datasets; {source!r} is read from disk, set streaming: false")
+        if streaming and source == "builtin":
+            raise ValueError("data.streaming is for corpora bigger than the disk, not the built-in one: set it false")
         self.save_hyperparameters()
         self.source, self.hub_config, self.text_field = source, hub_config, text_field
         self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
         self.streaming, self.stream_val_documents = streaming, stream_val_documents
-        self.tokenizer_spec, self.bpe_vocab_size, self.bpe_training_chars = tokenizer, bpe_vocab_size, bpe_training_chars
+        self.tokenizer_spec, self.bpe_vocab_size = tokenizer, bpe_vocab_size
+        self.bpe_training_chars = bpe_training_chars
         self.block_size, self.batch_size, self.shuffle, self.num_workers = block_size, batch_size, shuffle, num_workers
         self.tokenize_processes, self.seed = tokenize_processes, seed
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -154,7 +160,7 @@ class TextDataModule(L.LightningDataModule):
         if source == "builtin":
             return "builtin"
         sources = [source] if isinstance(source, str) else list(source)
-        if any(Path(s).suffix in _LOCAL_BUILDERS or glob.has_magic(s) or Path(s).expanduser().exists() for s in sources):
+        if any(Path(s).suffix in _LOCAL_BUILDERS or glob.has_magic(s) or os.path.exists(s) for s in sources):
             return "local"
         if len(sources) != 1:
             raise ValueError(f"data.source: several hub names are not supported, got {sources}")
@@ -188,7 +194,7 @@ class TextDataModule(L.LightningDataModule):
             files = self._local_files()
             builder = _LOCAL_BUILDERS[Path(files[0]).suffix]
             extra = {"sample_by": "paragraph"} if builder == "text" else {}  # a paragraph is a document
-            ds = datasets.load_dataset(builder, data_files=files, split="train", **extra)
+            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming, **extra)
         else:
             try:
                 ds = datasets.load_dataset(self.source, self.hub_config, split=split, streaming=streaming)
@@ -289,7 +295,7 @@ class TextDataModule(L.LightningDataModule):
         field, frac, eos = self.text_field, self.val_fraction, tok.eos_id
 
         def encode(batch: dict[str, list]) -> dict[str, list]:
-            texts = [t for t in batch[field]]
+            texts = [t or "" for t in batch[field]]  # a row without text (None) is an empty document
             ids = [[*x, eos] if t else [] for t, x in zip(texts, tok.encode_batch(texts))]  # empty lines: nothing
             val = [bool(t) and is_validation(t, frac) for t in texts] if split_by_hash else [only == "val"] * len(texts)
             return {"ids": ids, "val": val}

@@ -18,13 +18,13 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from polyformer.data.loading import _world, eval_loader
 from polyformer.data.number_corpus import number_corpus
 from polyformer.data.tokenizers import Tokenizer, pretrained, train_bpe
 
-SPLITS = ("train", "validation", "test")
+Item = tuple[int, list[int], list[int], str]  # index, source ids, target ids, reference text
 
 
 class ParallelDataset(Dataset):
@@ -36,7 +36,9 @@ class ParallelDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source_ids)
 
-    def __getitem__(self, i: int) -> tuple[int, list[int], list[int], str]:
+    def __getitem__(self, i: int | list[int]) -> Item | list[Item]:
+        if isinstance(i, list):  # a whole batch from BucketBatchSampler
+            return [self[j] for j in i]  # type: ignore[misc]
         return i, self.source_ids[i], self.target_ids[i], self.references[i]
 
     def lengths(self) -> list[int]:
@@ -52,7 +54,7 @@ class Collate:
             source_pad, target_pad, eos_id, bos_id, source_eos,
         )  # fmt: skip
 
-    def __call__(self, items: list[tuple[int, list[int], list[int], str]]) -> dict[str, Any]:
+    def __call__(self, items: list[Item]) -> dict[str, Any]:
         idx, src, tgt, refs = zip(*items)
         source = pad([[*s, self.source_eos] for s in src], self.source_pad)
         return {
@@ -90,20 +92,20 @@ def length_batches(lengths: list[int], order: list[int], batch_size: int, max_to
     return batches
 
 
-class BucketBatchSampler(Sampler[list[int]]):
+class BucketBatchSampler(DistributedSampler):
     """Each epoch: shuffle, stable-sort by length (ties stay shuffled), cut into batches, shuffle the batches, and
-    give rank r every world-th batch, the same number on every rank (the remainder is dropped)."""
+    give rank r every world-th batch, the same number on every rank (the remainder is dropped). Yields whole batches
+    (lists of indices); a DistributedSampler subclass so Lightning leaves it in place under DDP."""
 
     def __init__(
         self, lengths: list[int], batch_size: int, max_tokens: int | None, shuffle: bool = True, seed: int = 0
     ) -> None:
-        self.lengths, self.batch_size, self.max_tokens, self.shuffle, self.seed = (
-            lengths, batch_size, max_tokens, shuffle, seed,
-        )  # fmt: skip
-        self.epoch, self.skip = 0, 0
+        super().__init__(lengths, num_replicas=1, rank=0, shuffle=shuffle, seed=seed)  # type: ignore[arg-type]
+        self.lengths, self.batch_size, self.max_tokens = lengths, batch_size, max_tokens
+        self.skip = 0  # batches of this epoch already consumed (set on resume)
         # The sorted length sequence is the same every epoch, hence so is the number of batches.
-        self._count = len(length_batches(lengths, sorted(range(len(lengths)), key=lengths.__getitem__), batch_size,
-                                         max_tokens))  # fmt: skip
+        by_length = sorted(range(len(lengths)), key=lengths.__getitem__)
+        self._count = len(length_batches(lengths, by_length, batch_size, max_tokens))
 
     def batches(self) -> list[list[int]]:
         rng = random.Random(self.seed + self.epoch)
@@ -117,7 +119,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         world, rank = _world()
         return batches[rank::world][: len(batches) // world]
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[int]]:  # type: ignore[override]
         batches = self.batches()[self.skip :]
         self.skip = 0
         return iter(batches)
@@ -127,26 +129,27 @@ class BucketBatchSampler(Sampler[list[int]]):
 
 
 class BucketLoader(DataLoader):
-    """Training loader over length buckets whose mid-epoch position is saved in Lightning checkpoints."""
+    """Training loader over length buckets whose mid-epoch position is saved in Lightning checkpoints. The sampler
+    yields whole batches (batch_size=None) and the dataset returns the list of pairs for them."""
 
     def __init__(self, dataset: ParallelDataset, sampler: BucketBatchSampler, **kwargs: Any) -> None:
-        super().__init__(dataset, batch_sampler=sampler, **kwargs)
+        super().__init__(dataset, batch_size=None, sampler=sampler, **kwargs)
         self.batches_done = 0
 
     def __iter__(self):  # type: ignore[override]
-        sampler: BucketBatchSampler = self.batch_sampler  # type: ignore[assignment]
+        sampler: BucketBatchSampler = self.sampler  # type: ignore[assignment]
         sampler.skip = self.batches_done
         for batch in super().__iter__():
             self.batches_done += 1
             yield batch
         self.batches_done = 0
-        sampler.epoch += 1
+        sampler.set_epoch(sampler.epoch + 1)
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.batch_sampler.epoch, "batches_done": self.batches_done}  # type: ignore[union-attr]
+        return {"epoch": self.sampler.epoch, "batches_done": self.batches_done}  # type: ignore[attr-defined]
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.batch_sampler.epoch = state["epoch"]  # type: ignore[union-attr]
+        self.sampler.set_epoch(state["epoch"])  # type: ignore[attr-defined]
         self.batches_done = state["batches_done"]
 
 
@@ -162,7 +165,9 @@ def read_local(path: str, source_lang: str, target_lang: str) -> tuple[list[str]
             rows = [line.split("\t") for line in lines]
             bad = next((i for i, r in enumerate(rows) if len(r) != 2), None)
             if bad is not None:
-                raise ValueError(f"{p} line {bad + 1} has {len(rows[bad])} tab-separated fields; expected source\\ttarget")
+                raise ValueError(
+                    f"{p} line {bad + 1} has {len(rows[bad])} tab-separated fields; expected source\\ttarget"
+                )
             return [r[0] for r in rows], [r[1] for r in rows]
         src, tgt = [], []
         for i, line in enumerate(lines):
@@ -190,7 +195,9 @@ def read_local(path: str, source_lang: str, target_lang: str) -> tuple[list[str]
     return src, tgt
 
 
-def read_hub(name: str, subset: str | None, source_lang: str, target_lang: str) -> dict[str, tuple[list[str], list[str]]]:
+def read_hub(
+    name: str, subset: str | None, source_lang: str, target_lang: str
+) -> dict[str, tuple[list[str], list[str]]]:
     """A hub dataset with rows {"translation": {lang: text}} (the WMT, IWSLT and OPUS layout), split by split."""
     import datasets
 
@@ -228,7 +235,7 @@ class TranslationData(L.LightningDataModule):
         val_path: str | None = None,
         test_path: str | None = None,
         tokenizer: str | None = None,  # a pretrained tokenizer.json / folder / hub name; None = train a BPE
-        vocab_size: int = 8000,  # of the BPE trained on the training split
+        bpe_vocab_size: int = 8000,  # of the BPE trained on the training split (the model reads `vocab_size`)
         shared_vocab: bool = True,  # one joint BPE for both sides (lets the model tie all embeddings)
         batch_size: int = 64,  # pairs per batch, or the cap when max_tokens is set
         max_tokens: int | None = None,  # tokens per batch (pairs x longest side), fairseq's --max-tokens
@@ -242,7 +249,9 @@ class TranslationData(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if max_tokens is not None and max_tokens < max_length + 1:
-            raise ValueError(f"data.max_tokens ({max_tokens}) must be > max_length ({max_length}) to fit the longest pair")
+            raise ValueError(
+                f"data.max_tokens ({max_tokens}) must be > max_length ({max_length}) to fit the longest pair"
+            )
         if batch_size < 1 or max_length < 1:
             raise ValueError(f"data.batch_size and max_length must be >= 1, got {batch_size}, {max_length}")
         self.save_hyperparameters()
@@ -265,7 +274,9 @@ class TranslationData(L.LightningDataModule):
             out = {s: read_local(p, hp.source_lang, hp.target_lang) for s, p in paths.items() if p is not None}
         elif hp.dataset == "numbers":
             if hp.source_lang != "en":
-                raise ValueError(f"the numbers corpus translates from English: set data.source_lang=en, not {hp.source_lang!r}")
+                raise ValueError(
+                    f"the numbers corpus translates from English: set data.source_lang=en, not {hp.source_lang!r}"
+                )
             sizes = {"train": hp.train_size, "validation": hp.val_size, "test": hp.test_size}
             out = {}
             for split, size in sizes.items():
@@ -295,9 +306,9 @@ class TranslationData(L.LightningDataModule):
             tok = pretrained(hp.tokenizer)
             return tok, tok
         if hp.shared_vocab:
-            tok = train_bpe([*src, *tgt], hp.vocab_size)
+            tok = train_bpe([*src, *tgt], hp.bpe_vocab_size)
             return tok, tok
-        return train_bpe(tgt, hp.vocab_size), train_bpe(src, hp.vocab_size)
+        return train_bpe(tgt, hp.bpe_vocab_size), train_bpe(src, hp.bpe_vocab_size)
 
     def collate(self) -> Collate:
         t, s = self.tokenizer, self.source_tokenizer

@@ -33,8 +33,8 @@ class OptimizerConfig:
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"optimizer.lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"optimizer.lr must be a finite number > 0, got {self.lr}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"optimizer.betas must each be in [0, 1), got {self.betas}")
         if self.weight_decay < 0 or self.warmup_steps < 0 or self.eps <= 0:
@@ -99,8 +99,10 @@ class TaskModule(L.LightningModule):
 
     # Constructor arguments that default to None and are read from the data module's attribute of the same name.
     data_links: tuple[str, ...] = ()
-    # Hyperparameters (flattened, prefix match) that must agree between a checkpoint and the model loading it.
+    # Hyperparameters (flattened, prefix match) that must agree between a checkpoint and the model loading it;
+    # regularisation may change between pre-training and fine-tuning.
     architecture_hparams: tuple[str, ...] = ("backbone",)
+    not_architecture: tuple[str, ...] = ("dropout", "attention_dropout")
 
     def __init__(
         self, optimizer: OptimizerConfig | None = None, compile: bool = False, activation_checkpointing: bool = False
@@ -181,6 +183,8 @@ def check_compatible(task: TaskModule, checkpoint: dict[str, Any]) -> None:
     mine = flatten(to_primitive(dict(task.hparams)))
     for key in sorted(theirs.keys() | mine.keys()):
         if not key.startswith(task.architecture_hparams) or mine.get(key) is None:
+            continue
+        if key.rsplit(".", 1)[-1] in task.not_architecture:
             continue
         if theirs.get(key) != mine.get(key):
             raise ValueError(

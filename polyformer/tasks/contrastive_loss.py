@@ -100,14 +100,17 @@ def retrieval_recall(image: Tensor, text: Tensor, caption_group: Tensor, ks: tup
 
     caption_group (N,): texts with the same group are the same caption (built-in data repeats captions such as
     "handwritten 7"); retrieving any copy of an image's caption is a hit, so identical texts cannot tie-break a hit
-    into a miss. With distinct captions this is the usual index-based recall.
+    into a miss. With distinct captions this is the usual index-based recall. Rows go in chunks, so a large
+    evaluation set never holds the (N, N) similarity matrix at once.
     """
-    sim = image.float() @ text.float().T  # (N images, N texts)
-    positive = caption_group[:, None] == caption_group[None, :]  # (N, N), symmetric
-    kmax = min(max(ks), sim.shape[1])
+    kmax = min(max(ks), text.shape[0])
     out = {}
-    for name, s in (("image_to_text", sim), ("text_to_image", sim.T)):
-        hits = positive.gather(1, s.topk(kmax, dim=1).indices)  # (N, K)
+    for name, queries, keys in (("image_to_text", image, text), ("text_to_image", text, image)):
+        hits = []
+        for rows in torch.arange(len(queries), device=queries.device).split(4096):
+            top = (queries[rows].float() @ keys.float().T).topk(kmax, dim=1).indices  # (n, K)
+            hits.append(caption_group[top] == caption_group[rows, None])
+        hit = torch.cat(hits)  # (N, K)
         for k in ks:
-            out[f"{name}_R@{k}"] = hits[:, :k].any(dim=1).float().mean().item()
+            out[f"{name}_R@{k}"] = hit[:, :k].any(dim=1).float().mean().item()
     return out

@@ -50,9 +50,10 @@ class TokenLoss(Metric):
         self.add_state("bytes", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, nats: Tensor, tokens: int | Tensor, num_bytes: Tensor) -> None:
-        self.nats += nats.double()
-        self.tokens += tokens
-        self.bytes += num_bytes.long()
+        # Out of place: states created under inference_mode (a validate() call) cannot be updated in place later.
+        self.nats = self.nats + nats.double()
+        self.tokens = self.tokens + tokens
+        self.bytes = self.bytes + num_bytes.long()
 
     def compute(self) -> dict[str, Tensor]:
         loss = self.nats / self.tokens
@@ -113,8 +114,11 @@ class LanguageModel(TaskModule):
             self.head.weight = self.embed.weight
         else:
             nn.init.normal_(self.head.weight, std=0.02)
+        # Bytes per token for bits per byte; without a tokenizer (bare weights) they are unknown: zeros.
+        table = torch.zeros(padded, dtype=torch.long)
         if self.tokenizer is not None:
-            self.register_buffer("token_bytes", torch.tensor(self.tokenizer.token_bytes()), persistent=False)
+            table[: self.vocab_size] = torch.tensor(self.tokenizer.token_bytes())
+        self.register_buffer("token_bytes", table, persistent=False)
         if self.init_from:
             self._load_init_weights(self.init_from)
 
@@ -129,7 +133,7 @@ class LanguageModel(TaskModule):
             state = load_gpt2_state_dict(source, self.backbone_cfg, self.embed.weight.shape[0])
         missing, unexpected = self.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if not k.startswith("val_metric")]:
-            raise ValueError(f"init_from {source!r} does not fit this model: missing {missing}, unexpected {unexpected}")
+            raise ValueError(f"init_from {source!r} does not fit missing {missing}, unexpected {unexpected}")
 
     # ---- model ------------------------------------------------------------------------------------------------
     def forward(
@@ -168,7 +172,7 @@ class LanguageModel(TaskModule):
         self.log("val_loss", values["loss"].float(), prog_bar=True)
         self.log_dict({"val_ppl": values["ppl"].float(), "val_bpb": values["bpb"].float()})
 
-    def on_fit_end(self) -> None:
+    def on_train_end(self) -> None:  # before on_fit_end, where RunSummary prints the paths last
         if self.samples.prompts and self.trainer.is_global_zero:
             texts = self.generate_text(self.samples.prompts)
             rule = "-" * 80
@@ -183,8 +187,10 @@ class LanguageModel(TaskModule):
         banned = [i for i in (self.tokenizer.special_ids if self.tokenizer else []) if i != self.tokenizer.eos_id]
 
         def forward(tokens: Tensor, mask: Tensor | None, positions: Tensor, cache: Cache | None) -> Tensor:
-            logits = self(tokens, mask, positions, cache)
-            return logits.index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf")) if banned else logits
+            logits = self(tokens, mask, positions, cache)  # (N, t, vocab_size)
+            if not banned:
+                return logits
+            return logits.index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
 
         return Decoder(forward, self.backbone.new_cache, use_cache)
 
@@ -252,5 +258,6 @@ class LanguageModel(TaskModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
+        self.init_from = None  # the checkpoint's weights replace the initial ones: don't fetch those again
         if "tokenizer" in checkpoint and self.tokenizer is None:
             self.tokenizer = Tokenizer.from_json(checkpoint["tokenizer"])

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from sacrebleu.metrics import BLEU, CHRF
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from polyformer.backbone import Cache, TokenEmbedding, Transformer, TransformerConfig
 from polyformer.data.tokenizers import Tokenizer
@@ -39,7 +40,9 @@ class DecodingConfig:
         if self.beam_size < 1:
             raise ValueError(f"decoding.beam_size must be >= 1, got {self.beam_size}")
         if self.max_len_a < 0 or self.max_len_b < 1:
-            raise ValueError(f"decoding.max_len_a must be >= 0 and max_len_b >= 1, got {self.max_len_a}, {self.max_len_b}")
+            raise ValueError(
+                f"decoding.max_len_a must be >= 0 and max_len_b >= 1, got {self.max_len_a}, {self.max_len_b}"
+            )
 
 
 def paper_optimizer() -> OptimizerConfig:
@@ -103,6 +106,8 @@ class Translation(TaskModule):
         if not self.hparams.tie_encoder_embedding:
             self.source_embed = TokenEmbedding(self.source_vocab_size, d, scale=True)
             nn.init.normal_(self.source_embed.weight, std=d**-0.5)
+        # Token-weighted means that sync as sums over ranks: exact under DDP whatever each rank's share of tokens.
+        self.eval_metrics = nn.ModuleDict({f"{s}_{m}": MeanMetric() for s in ("val", "test") for m in ("loss", "nll")})
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -161,8 +166,11 @@ class Translation(TaskModule):
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
         loss, nll = self.loss(batch)
-        ntok = int((batch["target_out"] != self.tokenizer.pad_id).sum())
-        self.log_dict({f"{stage}/loss": loss, f"{stage}/nll": nll}, batch_size=ntok, sync_dist=True)
+        ntok = (batch["target_out"] != self.tokenizer.pad_id).sum()
+        for name, value in (("loss", loss), ("nll", nll)):
+            metric = self.eval_metrics[f"{stage}_{name}"]
+            metric.update(value, ntok)
+            self.log(f"{stage}/{name}", metric)
         hyps = self.tokenizer.decode_batch(self.generate(batch["source"]))
         self._outputs += zip(batch["index"].tolist(), hyps, batch["references"])
 
@@ -246,6 +254,11 @@ class Translation(TaskModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         toks = checkpoint.get("tokenizers")
+        if toks is not None and self.tokenizer is not None and self.tokenizer.to_json() != toks["target"]:
+            raise ValueError(
+                "the data module's tokenizer differs from the one stored in the checkpoint, so token ids would not "
+                "match; use the data settings the checkpoint was trained with (or data.tokenizer=<its tokenizer.json>)"
+            )
         if toks is not None:
             target = Tokenizer.from_json(toks["target"])
             source = target if toks["source"] == toks["target"] else Tokenizer.from_json(toks["source"])

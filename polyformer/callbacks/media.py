@@ -1,0 +1,404 @@
+"""Per-task media after validation: what a model learned, not just its loss curve.
+
+- language model: prompts and sampled continuations (table);
+- translation: source / reference / hypothesis with sentence BLEU (table), corpus sacreBLEU with its signature;
+- image classification: misclassified validation images with true and predicted labels, the confusion matrix;
+- CLIP: the image-text similarity matrix of a validation batch, zero-shot accuracy per class, retrieval examples;
+- any task: attention maps of the first validation example, per layer and head.
+
+The task is recognised by what it offers (`generate_text`, `translate`, `confusion_matrix`, `similarity`), not by
+its class. Everything runs on global rank 0 only and calls no collective: other ranks do no extra work. Media go
+to W&B as tables and images, to TensorBoard as text and images; other loggers get the scalar parts only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from torch import Tensor
+
+from polyformer.backbone.attention import Attention
+
+Image = np.ndarray  # (H, W, 3) uint8
+
+
+# ---- logging that degrades to what the logger supports ----------------------------------------------------------
+def media_loggers(trainer: pl.Trainer) -> list[Any]:
+    """Loggers that show tables or images (W&B unless WANDB_MODE=disabled, TensorBoard): without one, media are not
+    even computed."""
+
+    def wandb_on(lg: WandbLogger) -> bool:
+        mode = lg._wandb_init.get("mode") or os.environ.get("WANDB_MODE", "")
+        return mode.lower() != "disabled"
+
+    return [
+        lg
+        for lg in trainer.loggers
+        if isinstance(lg, TensorBoardLogger) or (isinstance(lg, WandbLogger) and wandb_on(lg))
+    ]
+
+
+def log_table(trainer: pl.Trainer, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+    """A table: a W&B Table (numpy images in cells become images), a markdown table in TensorBoard."""
+    for lg in trainer.loggers:
+        if isinstance(lg, WandbLogger):
+            import wandb
+
+            data = [[wandb.Image(c) if isinstance(c, np.ndarray) else c for c in row] for row in rows]
+            lg.log_table(key=key, columns=columns, data=data, step=trainer.global_step)
+        elif isinstance(lg, TensorBoardLogger):
+            cell = lambda c: "(image)" if isinstance(c, np.ndarray) else str(c).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+            lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+            lg.experiment.add_text(key, "\n".join(lines), trainer.global_step)
+
+
+def log_images(trainer: pl.Trainer, key: str, images: Sequence[Image], captions: Sequence[str] | None = None) -> None:
+    for lg in trainer.loggers:
+        if isinstance(lg, WandbLogger):
+            extra = {"caption": list(captions)} if captions else {}
+            lg.log_image(key=key, images=list(images), step=trainer.global_step, **extra)
+        elif isinstance(lg, TensorBoardLogger):
+            for i, img in enumerate(images):
+                lg.experiment.add_image(f"{key}/{i}", img, trainer.global_step, dataformats="HWC")
+
+
+def log_scalars(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    for lg in trainer.loggers:
+        lg.log_metrics(metrics, step=trainer.global_step)
+
+
+# ---- rendering ----------------------------------------------------------------------------------------------------
+def to_image(x: Tensor, min_side: int = 64) -> Image:
+    """(C, H, W) or (H, W) image of any range -> (H', W', 3) uint8, min-max scaled, enlarged by whole pixels."""
+    x = x.detach().float().cpu()
+    x = x[None] if x.ndim == 2 else x
+    x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-8)
+    x = x.expand(3, -1, -1) if x.shape[0] == 1 else x[:3]
+    k = max(1, -(-min_side // min(x.shape[1:])))  # nearest-neighbour: 8x8 digits stay crisp
+    img = (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return img.repeat(k, axis=0).repeat(k, axis=1)
+
+
+def heatmap(
+    matrix: Tensor | np.ndarray,
+    title: str,
+    xlabels: Sequence[str] | None = None,
+    ylabels: Sequence[str] | None = None,
+    annotate: bool = False,
+    xlabel: str = "",
+    ylabel: str = "",
+) -> Image:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    m = np.asarray(matrix.float().cpu() if isinstance(matrix, Tensor) else matrix, dtype=float)
+    side = min(12.0, 3.0 + 0.35 * max(m.shape))
+    fig = Figure(figsize=(side, side * 0.85), dpi=80)
+    ax = fig.subplots()
+    im = ax.imshow(m, cmap="viridis")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    for labels, ticks, set_labels in ((xlabels, ax.set_xticks, ax.set_xticklabels),
+                                      (ylabels, ax.set_yticks, ax.set_yticklabels)):  # fmt: skip
+        if labels is not None:
+            ticks(range(len(labels)))
+            set_labels([s[:30] for s in labels], fontsize=7, rotation=90 if set_labels == ax.set_xticklabels else 0)
+    if annotate:
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6, color="w" if v < m.max() / 2 else "k")
+    return _render(fig, FigureCanvasAgg)
+
+
+def attention_grid(maps: dict[int, Tensor], title: str) -> Image:
+    """maps: layer -> (heads, T, S); one row per layer, one column per head."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    layers = sorted(maps)
+    heads = maps[layers[0]].shape[0]
+    fig = Figure(figsize=(1.6 * heads + 0.5, 1.6 * len(layers) + 0.6), dpi=80)
+    axes = np.atleast_2d(fig.subplots(len(layers), heads, squeeze=False))
+    for r, layer in enumerate(layers):
+        for h in range(heads):
+            ax = axes[r, h]
+            ax.imshow(maps[layer][h].float().numpy(), cmap="viridis", vmin=0.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"layer {layer} head {h}", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return _render(fig, FigureCanvasAgg)
+
+
+def _render(fig: Any, canvas_cls: Any) -> Image:
+    canvas = canvas_cls(fig)  # Agg directly, not pyplot: no global figure state, no GUI backend
+    fig.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+# ---- attention recording ------------------------------------------------------------------------------------------
+class AttentionRecorder:
+    """Keeps example 0's softmax weights of every `Attention` during one forward pass. A module whose full weights
+    (B, H, T, S) would exceed `max_elements` is skipped rather than risking the memory of a large batch."""
+
+    def __init__(self, module: torch.nn.Module, max_tokens: int, max_elements: int = 1 << 26) -> None:
+        self.maps: dict[str, Tensor] = {}
+        self.max_tokens, self.max_elements = max_tokens, max_elements
+        self.handles = []
+        for name, m in module.named_modules():
+            if isinstance(m, Attention):
+                self.handles.append(m.register_forward_pre_hook(self._before, with_kwargs=True))
+                self.handles.append(m.register_forward_hook(self._make_after(name)))
+
+    def _before(self, m: Attention, args: tuple, kwargs: dict) -> None:
+        x = args[0]
+        context = args[1] if len(args) > 1 else kwargs.get("context")
+        if kwargs.get("cache") is not None or x.ndim != 3:
+            return
+        S = context.shape[1] if context is not None else x.shape[1]
+        m.record_weights = x.shape[0] * m.heads * x.shape[1] * S <= self.max_elements
+
+    def _make_after(self, name: str) -> Any:
+        def after(m: Attention, args: tuple, output: Tensor) -> None:
+            if m.record_weights and m.weights is not None and name not in self.maps:
+                self.maps[name] = m.weights[0, :, : self.max_tokens, : self.max_tokens].float().cpu()
+            m.record_weights, m.weights = False, None
+
+        return after
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def group_attention(maps: dict[str, Tensor], layers: list[int] | None, heads: list[int] | None, max_heads: int):
+    """{"encoder.blocks.3.attn": (H, T, S)} -> {"encoder/attn": {3: (h, T, S)}} with the chosen layers and heads."""
+    groups: dict[str, dict[int, Tensor]] = {}
+    for name, w in maps.items():
+        parts = name.split(".")
+        if "blocks" not in parts:
+            continue
+        i = parts.index("blocks")
+        stack, layer, kind = ".".join(parts[:i]) or "backbone", int(parts[i + 1]), ".".join(parts[i + 2 :])
+        if layers is not None and layer not in layers:
+            continue
+        chosen = [h for h in (heads if heads is not None else range(max_heads)) if h < w.shape[0]]
+        groups.setdefault(f"{stack}/{kind}", {})[layer] = w[chosen]
+    return groups
+
+
+# ---- the callback -------------------------------------------------------------------------------------------------
+class TaskMedia(pl.Callback):
+    """Logs per-task media after every `every_n_val`-th validation (the first one included), on rank 0 only.
+
+    Args:
+        every_n_val: log after validation 1, 1 + n, 1 + 2n, ... (sanity checks are skipped); 0 turns media off.
+        num_samples: rows of the sample tables (LM continuations, translations, retrieval examples) and images of
+            the misclassified grid.
+        prompts: language-model prompts; None = the task's `samples.prompts`, else the starts of validation texts.
+        max_new_tokens, temperature, top_k: sampling of the language-model continuations.
+        similarity_size: images x captions of the CLIP similarity matrix.
+        attention: log attention maps of the first validation example.
+        attention_layers, attention_heads: which layers / heads (None = all layers, the first `max_heads` heads).
+        max_attention_tokens: crop maps to the first positions, so long sequences stay readable.
+    """
+
+    def __init__(
+        self,
+        every_n_val: int = 1,
+        num_samples: int = 8,
+        prompts: list[str] | None = None,
+        max_new_tokens: int = 32,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        similarity_size: int = 16,
+        attention: bool = True,
+        attention_layers: list[int] | None = None,
+        attention_heads: list[int] | None = None,
+        max_heads: int = 4,
+        max_attention_tokens: int = 64,
+    ) -> None:
+        if every_n_val < 0 or num_samples < 1:
+            raise ValueError(f"media.every_n_val must be >= 0 and num_samples >= 1, got {every_n_val}, {num_samples}")
+        self.every_n_val, self.num_samples, self.prompts = every_n_val, num_samples, prompts
+        self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
+        self.similarity_size = similarity_size
+        self.attention, self.attention_layers, self.attention_heads = attention, attention_layers, attention_heads
+        self.max_heads, self.max_attention_tokens = max_heads, max_attention_tokens
+        self.validations = 0
+        self._active = False
+        self._recorder: AttentionRecorder | None = None
+        self._batch: Any = None
+        self._similarity: tuple[Tensor, list[str]] | None = None
+        self._attention_maps: dict[str, Tensor] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"validations": self.validations}  # a resumed run keeps its every-n rhythm
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.validations = int(state_dict.get("validations", 0))
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._active = False
+        if trainer.sanity_checking or not self.every_n_val:
+            return
+        self.validations += 1  # counted on every rank, so the rhythm would survive a change of rank 0
+        self._active = (
+            trainer.is_global_zero and bool(media_loggers(trainer)) and (self.validations - 1) % self.every_n_val == 0
+        )
+        self._batch, self._similarity, self._attention_maps = None, None, {}
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._active and self.attention and batch_idx == 0 and dataloader_idx == 0:
+            self._recorder = AttentionRecorder(pl_module, self.max_attention_tokens)
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._recorder is not None:
+            self._recorder.remove()
+            self._attention_maps, self._recorder = self._recorder.maps, None
+        if not (self._active and batch_idx == 0 and dataloader_idx == 0):
+            return
+        self._batch = _first_rows(batch, max(self.num_samples, self.similarity_size))
+        if hasattr(pl_module, "similarity") and isinstance(batch, dict) and {"image", "text"} <= batch.keys():
+            n = self.similarity_size
+            with torch.no_grad():  # the model's own forward, on this rank's first batch only: no collective
+                sim = pl_module.similarity(batch["image"][:n], batch["text"][:n])
+            tok = getattr(pl_module, "tokenizer", None)
+            captions = _decode(tok, batch["text"][:n]) if tok is not None else [str(i) for i in range(sim.shape[1])]
+            self._similarity = (sim.float().cpu(), captions)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After the task's on_validation_epoch_end, so its confusion matrix, BLEU signature etc. are up to date.
+        if not self._active:
+            return
+        self._active = False
+        with torch.no_grad():
+            if hasattr(pl_module, "generate_text"):
+                self._language_model(trainer, pl_module)
+            if hasattr(pl_module, "translate") and isinstance(self._batch, dict) and "source" in self._batch:
+                self._translation(trainer, pl_module)
+            if getattr(pl_module, "confusion_matrix", None) is not None:
+                self._classification(trainer, pl_module)
+            if hasattr(pl_module, "similarity"):
+                self._contrastive(trainer, pl_module)
+        if self._attention_maps:
+            self._attention(trainer)
+        self._batch, self._similarity, self._attention_maps = None, None, {}
+
+    # ---- per task ---------------------------------------------------------------------------------------------
+    def _language_model(self, trainer: pl.Trainer, task: Any) -> None:
+        tok = getattr(task, "tokenizer", None)
+        prompts = self.prompts or list(getattr(getattr(task, "samples", None), "prompts", None) or [])
+        if not prompts and tok is not None and isinstance(self._batch, Tensor):
+            prompts = _decode(tok, self._batch[:, :16])  # the starts of validation blocks
+        if not prompts or tok is None:
+            return
+        prompts = prompts[: self.num_samples]
+        texts = task.generate_text(
+            prompts, max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k
+        )
+        log_table(trainer, "media/samples", ["step", "prompt", "continuation"],
+                  [[trainer.global_step, p, t] for p, t in zip(prompts, texts)])  # fmt: skip
+
+    def _translation(self, trainer: pl.Trainer, task: Any) -> None:
+        from sacrebleu.metrics import BLEU
+
+        batch, n = self._batch, self.num_samples
+        source = batch["source"][:n].to(task.device)
+        src_tok = task.source_tokenizer
+        sources = _decode(src_tok, source)
+        hyps = task.tokenizer.decode_batch(task.generate(source))
+        refs = list(batch["references"][:n])
+        bleu = BLEU(effective_order=True)  # sentence BLEU needs effective order: short lines miss 4-grams
+        rows = [[s, r, h, round(bleu.sentence_score(h, [r]).score, 2)] for s, r, h in zip(sources, refs, hyps)]
+        log_table(trainer, "media/translations", ["source", "reference", "hypothesis", "sentence_bleu"], rows)
+        signatures = getattr(task, "signatures", {}) or {}
+        scores = {k: trainer.callback_metrics.get(f"val/{k}") for k in signatures}
+        table = [[k, None if v is None else round(float(v), 2), sig] for k, sig in signatures.items()
+                 for v in [scores[k]]]  # fmt: skip
+        if table:
+            log_table(trainer, "media/sacrebleu", ["metric", "corpus_score", "signature"], table)
+
+    def _classification(self, trainer: pl.Trainer, task: Any) -> None:
+        cm = task.confusion_matrix
+        names = list(getattr(task, "class_names", None) or [str(i) for i in range(cm.shape[0])])
+        log_images(trainer, "media/confusion_matrix", [heatmap(cm, "validation confusion matrix", names, names,
+                   annotate=cm.shape[0] <= 20, xlabel="predicted", ylabel="true")])  # fmt: skip
+        wrong = list(getattr(task, "misclassified", []))[: self.num_samples]
+        if wrong:
+            captions = [f"true {names[m.target]} / predicted {names[m.predicted]} ({m.confidence:.2f})" for m in wrong]
+            log_images(trainer, "media/misclassified", [to_image(m.image) for m in wrong], captions)
+
+    def _contrastive(self, trainer: pl.Trainer, task: Any) -> None:
+        if self._similarity is not None:
+            sim, captions = self._similarity
+            img = heatmap(sim, "image-text similarity (scaled cosine)", captions, [f"image {i}" for i in
+                          range(sim.shape[0])], xlabel="caption", ylabel="image")  # fmt: skip
+            log_images(trainer, "media/similarity", [img])
+        per_class = getattr(task, "zero_shot_per_class", None) or {}
+        if per_class:
+            log_table(trainer, "media/zero_shot_per_class", ["class", "top1"], [[c, a] for c, a in per_class.items()])
+            log_scalars(trainer, {f"val/zero_shot_top1/{c}": a for c, a in per_class.items()})
+        examples = list(getattr(task, "retrieval_examples", None) or [])[: self.num_samples]
+        images = self._batch.get("image") if isinstance(self._batch, dict) else None
+        if examples:
+            rows = []
+            for i, ex in enumerate(examples):
+                # The examples are the first evaluation images in gathered order: rank 0's first batch comes first.
+                pic = to_image(images[i]) if images is not None and i < len(images) else None
+                retrieved = " | ".join(f"{c} ({s:.2f})" for c, s in zip(ex["retrieved"], ex["scores"]))
+                rows.append([pic, ex["caption"], retrieved])
+            columns = ["image", "caption", "retrieved (cosine)"]
+            if any(r[0] is None for r in rows):
+                rows, columns = [r[1:] for r in rows], columns[1:]
+            log_table(trainer, "media/retrieval", columns, rows)
+
+    def _attention(self, trainer: pl.Trainer) -> None:
+        groups = group_attention(self._attention_maps, self.attention_layers, self.attention_heads, self.max_heads)
+        for key, maps in groups.items():
+            log_images(trainer, f"media/attention/{key}", [attention_grid(maps, f"attention of example 0: {key}")])
+
+
+def _first_rows(batch: Any, n: int) -> Any:
+    """The first n samples of a batch, on the CPU (kept until validation ends)."""
+    if isinstance(batch, Tensor):
+        return batch[:n].cpu()
+    if isinstance(batch, dict):
+        return {k: _first_rows(v, n) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_first_rows(v, n) for v in batch) if not isinstance(batch, str) else batch
+    return batch
+
+
+def _decode(tokenizer: Any, ids: Tensor) -> list[str]:
+    """Token rows to text: special tokens dropped, each row cut at its first end-of-text after some text (what
+    follows is padding, whatever id the collate function padded with)."""
+    special, eos = set(getattr(tokenizer, "special_ids", [])), getattr(tokenizer, "eos_id", None)
+    rows = []
+    for row in ids.tolist():
+        kept: list[int] = []
+        for i in row:
+            if i == eos and kept:
+                break
+            if i not in special:
+                kept.append(i)
+        rows.append(kept)
+    return tokenizer.decode_batch(rows)

@@ -1,0 +1,132 @@
+"""Training statistics for any task and any logger: gradient norm, accelerator memory, throughput and MFU, and the
+learning rate.
+
+Throughput and MFU come from Lightning's `ThroughputMonitor` (samples/s, items/s = tokens/s for token batches,
+FLOP/s, and MFU where the accelerator's peak FLOP/s is known, i.e. on GPUs). FLOPs per batch are the task's
+`flops_per_batch` attribute (Lightning's convention) when it has one; for batches of token ids (B, T) without it,
+`training_flops_per_token` of the backbone (6N + 12LTD, Kaplan et al. 2020) times B*T.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
+from torch import Tensor
+
+from polyformer.backbone.transformer import training_flops_per_token
+
+
+def batch_size(batch: Any) -> int:
+    """Samples in a batch: the leading dimension of its first tensor (tensor, tuple/list or dict batches)."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0])
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else []
+    for v in values:
+        if isinstance(v, Tensor) and v.ndim > 0:
+            return int(v.shape[0])
+    return 1
+
+
+def token_count(batch: Any) -> int:
+    """Token positions in a batch: the largest (B, T) integer tensor (an LM block, the longer side of a translation
+    pair, CLIP's captions); 0 for batches without token ids (images)."""
+    tensors = [batch] if isinstance(batch, Tensor) else list(batch.values() if isinstance(batch, dict) else batch)
+    counts = [t.numel() for t in tensors if isinstance(t, Tensor) and t.ndim == 2 and not t.is_floating_point()]
+    return max(counts, default=0)
+
+
+class TrainingStats(ThroughputMonitor):
+    """Logs `train/grad_norm` (before clipping), `memory/*` (GB) and Lightning's throughput keys
+    (`train|device/samples_per_sec`, `.../items_per_sec`, `.../flops_per_sec`, `.../mfu`) on rank 0.
+
+    Args:
+        grad_norm: log the global L2 norm of the gradients every `trainer.log_every_n_steps` optimizer steps.
+        memory: log accelerator memory (CUDA: allocated, peak, reserved; CPU: the process's peak RSS).
+        window_size: batches averaged by the throughput monitor (it logs once the window is full).
+    """
+
+    def __init__(self, grad_norm: bool = True, memory: bool = True, window_size: int = 20) -> None:
+        super().__init__(batch_size_fn=batch_size, length_fn=None, window_size=window_size)
+        self.grad_norm, self.memory = grad_norm, memory
+        self._first_batch_seen = False
+
+    def _due(self, trainer: pl.Trainer) -> bool:
+        return trainer.is_global_zero and trainer.global_step % max(1, trainer.log_every_n_steps) == 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *_: Any) -> None:
+        if self._first_batch_seen:
+            return
+        self._first_batch_seen = True
+        tokens = token_count(batch)
+        if tokens:  # the throughput monitor then also reports tokens/s as items_per_sec
+            self.length_fn = token_count
+        cfg = getattr(pl_module, "backbone_cfg", None)
+        if not hasattr(pl_module, "flops_per_batch") and isinstance(batch, Tensor) and batch.ndim == 2 and cfg:
+            # A language-model block (B, T + 1): inputs are the first T tokens.
+            params = sum(p.numel() for p in pl_module.parameters())
+            seq = batch.shape[1] - 1
+            pl_module.flops_per_batch = (
+                training_flops_per_token(params, cfg.depth, cfg.width, seq) * batch.shape[0] * seq
+            )
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # Called before clipping and after unscaling (AMP), so this is the norm the clip threshold is compared with.
+        if not self.grad_norm or not self._due(trainer):
+            return
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+            pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.memory and self._due(trainer):
+            stats = memory_stats(trainer.strategy.root_device)
+            if stats:
+                pl_module.log_dict(stats, on_step=True, on_epoch=False, rank_zero_only=True)
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Memory of this process on its accelerator, in GB."""
+    gb = 1024**3
+    if device.type == "cuda":
+        return {
+            "memory/allocated_gb": torch.cuda.memory_allocated(device) / gb,
+            "memory/peak_allocated_gb": torch.cuda.max_memory_allocated(device) / gb,
+            "memory/reserved_gb": torch.cuda.memory_reserved(device) / gb,
+        }
+    if device.type == "mps":
+        return {"memory/allocated_gb": torch.mps.current_allocated_memory() / gb}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+    return {"memory/peak_rss_gb": peak * (1 if sys.platform == "darwin" else 1024) / gb}
+
+
+class LearningRate(LearningRateMonitor):
+    """Lightning's `LearningRateMonitor` (`lr-<Optimizer>[/pg<i>]` every logged step) that stays quiet instead of
+    raising when a run has no logger, so it can be registered for every run."""
+
+    def __init__(self, logging_interval: str | None = "step", log_momentum: bool = False) -> None:
+        super().__init__(logging_interval=logging_interval, log_momentum=log_momentum)  # type: ignore[arg-type]
+        self._off = False
+
+    def on_train_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._off = not trainer.loggers
+        if not self._off:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if not self._off:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if not self._off:
+            super().on_train_epoch_start(trainer, *args, **kwargs)

@@ -1,0 +1,199 @@
+"""ViT image classification (Dosovitskiy et al. 2020, "An Image is Worth 16x16 Words") trained with the DeiT recipe
+(Touvron et al. 2021): label smoothing, Mixup (Zhang et al. 2018) / CutMix (Yun et al. 2019) through timm's `Mixup`
+with the soft-target cross-entropy they need, AdamW with weight decay on matrices only (tasks/base.py).
+
+The model is the shared `ImageTower` (patches, class token or average pooling, positions, encoder) plus a linear head.
+Metrics: top-1, top-5 and a confusion matrix (torchmetrics, synced across ranks). After each validation epoch the
+confusion matrix and a few misclassified images are kept on the task for callbacks (W&B media) to read.
+
+Legend: B batch, C channels, H/W image side, K classes, D width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from polyformer.backbone import TransformerConfig
+from polyformer.tasks.base import OptimizerConfig, TaskModule
+from polyformer.tasks.vision import ImageTower, resize_pos_embed
+
+
+@dataclass
+class MixupConfig:
+    """timm's Mixup/CutMix; DeiT: mixup_alpha 0.8, cutmix_alpha 1.0, prob 1, switch_prob 0.5, per batch."""
+
+    mixup_alpha: float = 0.8  # 0 = off
+    cutmix_alpha: float = 1.0  # 0 = off
+    prob: float = 1.0  # probability of mixing a batch at all
+    switch_prob: float = 0.5  # probability of CutMix instead of Mixup when both are on
+    mode: Literal["batch", "pair", "elem"] = "batch"  # one lambda per batch, per pair or per sample
+
+    def __post_init__(self) -> None:
+        if self.mixup_alpha < 0 or self.cutmix_alpha < 0 or self.mixup_alpha + self.cutmix_alpha == 0:
+            raise ValueError(
+                f"mixup.mixup_alpha and cutmix_alpha must be >= 0 and not both 0 (got {self.mixup_alpha}, "
+                f"{self.cutmix_alpha}); leave --model.mixup unset to train without mixing"
+            )
+        if not (0 <= self.prob <= 1 and 0 <= self.switch_prob <= 1):
+            raise ValueError(f"mixup.prob and switch_prob are probabilities, got {self.prob}, {self.switch_prob}")
+
+
+class Misclassified(NamedTuple):
+    image: Tensor  # (C, H, W) uint8, as the model saw it (after the eval transform)
+    target: int
+    predicted: int
+    confidence: float  # softmax probability of the predicted class
+
+
+class ImageClassifier(TaskModule):
+    data_links = ("num_classes", "image_size", "channels", "class_names", "mean", "std")
+    # image_size is not here on purpose: positions are interpolated, so a checkpoint loads at any resolution.
+    architecture_hparams = ("backbone", "num_classes", "channels", "patch_size", "pool", "position", "norm_pre")
+
+    def __init__(
+        self,
+        backbone: TransformerConfig | None = None,
+        patch_size: int = 16,
+        pool: Literal["cls", "avg"] = "cls",
+        position: Literal["learned", "sincos2d"] = "learned",
+        norm_pre: bool = False,
+        label_smoothing: float = 0.1,
+        mixup: MixupConfig | None = None,  # None = plain (label-smoothed) cross-entropy
+        pretrained: str | None = None,  # a timm ViT name, e.g. "vit_small_patch16_224.augreg_in21k_ft_in1k"
+        num_misclassified: int = 16,  # kept after validation for callbacks
+        num_classes: int | None = None,  # the rest default to the data module's values
+        image_size: int | None = None,
+        channels: int | None = None,
+        class_names: list[str] | None = None,
+        mean: tuple[float, ...] | None = None,  # the data's normalisation, kept for `polyformer classify`
+        std: tuple[float, ...] | None = None,
+        optimizer: OptimizerConfig | None = None,
+        compile: bool = False,
+        activation_checkpointing: bool = False,
+    ) -> None:
+        super().__init__(optimizer, compile, activation_checkpointing)
+        self.save_hyperparameters()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.backbone_cfg = backbone or TransformerConfig(width=192, depth=12, heads=3, dropout=0.0, norm_eps=1e-6)
+        self.patch_size, self.pool, self.position, self.norm_pre = patch_size, pool, position, norm_pre
+        self.label_smoothing, self.mixup_cfg, self.pretrained = label_smoothing, mixup, pretrained
+        self.num_misclassified = num_misclassified
+        self.num_classes, self.image_size, self.channels = num_classes, image_size, channels
+        self.class_names, self.mean, self.std = class_names, mean, std
+        # Read by callbacks after each validation epoch (rank 0 holds the synced matrix; images are per rank).
+        self.confusion_matrix: Tensor | None = None  # (K, K) int64, rows = true class, columns = predicted
+        self.misclassified: list[Misclassified] = []
+
+    def build(self) -> None:
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(f"{len(self.class_names)} class_names given for num_classes={self.num_classes}")
+        K = self.num_classes
+        self.tower = ImageTower(
+            self.backbone_cfg, self.image_size, self.patch_size, self.channels, self.pool, self.position, self.norm_pre
+        )
+        self.head = nn.Linear(self.backbone_cfg.width, K)
+        # timm's N(0, 0.02), not the JAX zero head: with a zero head the tower gets no gradient at first, and small
+        # ViTs sat at loss ln K for ~100 steps on the digits.
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        self.mixup = None
+        if self.mixup_cfg is not None:
+            from timm.data import Mixup
+
+            m = self.mixup_cfg
+            self.mixup = Mixup(
+                m.mixup_alpha, m.cutmix_alpha, prob=m.prob, switch_prob=m.switch_prob, mode=m.mode,
+                label_smoothing=self.label_smoothing, num_classes=K,
+            )  # fmt: skip
+        top5 = min(5, K)
+        self.metrics = nn.ModuleDict(
+            {
+                f"{split}_{name}": MulticlassAccuracy(K, top_k=k, average="micro")
+                for split in ("val", "test")
+                for name, k in (("top1", 1), ("top5", top5))
+            }
+        )
+        self.val_confusion = MulticlassConfusionMatrix(K)
+        if self.pretrained and self._trainer is not None:  # checkpoints (load_task) carry the weights themselves
+            from polyformer.weights.timm_vit import load_timm_vit
+
+            load_timm_vit(self, self.pretrained)
+
+    def forward(self, images: Tensor) -> Tensor:  # (B, C, H, W) -> (B, K) logits
+        return self.head(self.tower(images))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, targets = batch
+        if self.mixup is not None:
+            if len(images) % 2:
+                raise ValueError(f"Mixup/CutMix pairs samples: the batch size must be even, got {len(images)}")
+            images, soft = self.mixup(images, targets)  # soft: (B, K), label smoothing included
+            loss = torch.sum(-soft * F.log_softmax(self(images), dim=-1), dim=-1).mean()
+        else:
+            loss = F.cross_entropy(self(images), targets, label_smoothing=self.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_start(self) -> None:
+        self.misclassified = []
+
+    def on_validation_epoch_end(self) -> None:
+        self.confusion_matrix = self.val_confusion.compute().cpu()
+        self.val_confusion.reset()
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        probs, classes = self(images).softmax(dim=-1).topk(min(5, self.num_classes), dim=-1)
+        return {"probabilities": probs, "classes": classes}  # (B, 5) each
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], split: Literal["val", "test"]) -> None:
+        images, targets = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, targets)  # no smoothing: comparable across recipes
+        self.log(f"{split}/loss", loss, sync_dist=True, batch_size=len(targets))
+        for name in ("top1", "top5"):
+            metric = self.metrics[f"{split}_{name}"]
+            metric.update(logits, targets)
+            self.log(f"{split}/{name}", metric, prog_bar=name == "top1", batch_size=len(targets))
+        if split == "val":
+            self.val_confusion.update(logits, targets)
+            self._keep_misclassified(images, logits, targets)
+
+    def _keep_misclassified(self, images: Tensor, logits: Tensor, targets: Tensor) -> None:
+        room = self.num_misclassified - len(self.misclassified)
+        if room <= 0:
+            return
+        probs, predicted = logits.softmax(dim=-1).max(dim=-1)
+        wrong = (predicted != targets).nonzero().flatten()[:room]
+        if len(wrong) == 0:
+            return
+        denormalize = getattr(self.trainer.datamodule, "denormalize", None) if self._trainer is not None else None
+        shown = denormalize(images[wrong]) if denormalize else _to_uint8(images[wrong])
+        for img, i in zip(shown.cpu(), wrong.tolist()):
+            self.misclassified.append(Misclassified(img, int(targets[i]), int(predicted[i]), float(probs[i])))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        # Another resolution than the checkpoint's: resize its position table to this model's grid.
+        state, key = checkpoint["state_dict"], "tower.pos_embed"
+        if self._built and key in state and state[key].shape != self.tower.pos_embed.shape:
+            state[key] = resize_pos_embed(state[key], self.tower.patch.grid, self.tower.prefix)
+
+
+def _to_uint8(images: Tensor) -> Tensor:  # (B, C, H, W) any range -> uint8, per image min-max
+    lo = images.amin(dim=(1, 2, 3), keepdim=True)
+    hi = images.amax(dim=(1, 2, 3), keepdim=True)
+    return ((images - lo) / (hi - lo).clamp_min(1e-8) * 255).round().to(torch.uint8)

@@ -1,0 +1,147 @@
+"""Exact resume: N steps in one go equal N/2 steps + resume + N/2 steps, weights within float tolerance, with dropout
+on (so the random state must come back too), for the language model and an image task.
+
+Two ways to stop and resume are checked:
+- `--ckpt_path last` after a run bounded by `trainer.max_steps` (the "train longer" case);
+- a checkpoint written mid-epoch by a running fit (what a crash or SLURM preemption leaves behind).
+The cosine schedule's length is pinned (`optimizer.max_steps`), so stopping early does not change it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from e2e.scaleout import checkpoint_weights, last_checkpoint, max_abs_diff, polyformer, task_args
+
+N = 6  # optimizer steps of the uninterrupted run
+
+
+def rng_callback_args() -> list[str]:
+    """RNGState restores dropout's random state; append it unless the CLI registers it for every run already."""
+    from polyformer import cli
+
+    always = getattr(cli, "ALWAYS_ON", {})
+    if any(path.endswith("rng_state.RNGState") for path in always.values()):
+        return []
+    return ["--trainer.callbacks+=polyformer.callbacks.rng_state.RNGState"]
+
+
+def common(task: str) -> list[str]:
+    return [
+        *task_args(task, trainer="cpu.yaml"),
+        f"--model.init_args.optimizer.max_steps={N}",
+        "--trainer.check_val_every_n_epoch=null",  # count val_check_interval in steps, across epochs
+        "--trainer.val_check_interval=3",  # validates (and saves last.ckpt) at N/2 and N
+        "--trainer.limit_val_batches=2",
+        *rng_callback_args(),
+    ]
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("polyformer-cache")
+
+
+@pytest.fixture(scope="module")
+def straight(request, tmp_path_factory, cache):
+    """The uninterrupted N-step runs, one per task, each also keeping a checkpoint at step N/2."""
+    runs = {}
+
+    def get(task: str):
+        if task not in runs:
+            root = tmp_path_factory.mktemp(f"{task}-straight")
+            polyformer(
+                [
+                    "fit",
+                    *common(task),
+                    f"--trainer.max_steps={N}",
+                    f"--trainer.default_root_dir={root}",
+                    "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                    f"--trainer.callbacks.dirpath={root / 'every'}",
+                    f"--trainer.callbacks.every_n_train_steps={N // 2}",
+                    "--trainer.callbacks.save_top_k=-1",
+                    "--trainer.callbacks.filename={step}",  # -> step=3.ckpt
+                ],
+                root,
+                cache,
+            )
+            runs[task] = root
+        return runs[task]
+
+    return get
+
+
+def assert_same_weights(task: str, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], how: str) -> None:
+    diff = max_abs_diff(a, b)
+    print(f"{task} {how}: max |straight - resumed| = {diff:.3g}")
+    # Same operations on the same data in the same order: equal up to float reassociation (bf16 autocast presets).
+    assert diff < 1e-5, f"{task}: resuming {how} changed the weights by up to {diff:.3g}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["lm", "vit"])
+def test_ckpt_path_last_resumes_exactly(task, tmp_path, cache, straight):
+    reference = straight(task)
+    args = ["fit", *common(task), f"--trainer.default_root_dir={tmp_path}"]
+    polyformer([*args, f"--trainer.max_steps={N // 2}"], tmp_path, cache)
+    last = last_checkpoint(tmp_path)
+    assert torch.load(last, weights_only=True)["global_step"] == N // 2
+    polyformer([*args, f"--trainer.max_steps={N}", "--ckpt_path=last"], tmp_path, cache)
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["global_step"] == N
+    assert_same_weights(
+        task,
+        checkpoint_weights(last_checkpoint(reference)),
+        resumed["state_dict"],
+        "with --ckpt_path last",
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["lm"])
+def test_mid_epoch_checkpoint_resumes_exactly(task, tmp_path, cache, straight):
+    reference = straight(task)
+    halfway = reference / "every" / f"step={N // 2}.ckpt"
+    state = torch.load(halfway, weights_only=True)
+    loader = state["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert loader["batches_done"] == N // 2, f"the checkpoint does not hold the data position: {loader}"
+    polyformer(
+        [
+            "fit",
+            *common(task),
+            f"--trainer.max_steps={N}",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--ckpt_path={halfway}",
+        ],
+        tmp_path,
+        cache,
+    )
+    assert_same_weights(
+        task,
+        checkpoint_weights(last_checkpoint(reference)),
+        checkpoint_weights(last_checkpoint(tmp_path)),
+        "from a mid-epoch checkpoint",
+    )
+
+
+def test_rng_states_survive_a_weights_only_checkpoint(tmp_path):
+    """The stored states are plain tensors/lists, and restoring them replays torch, numpy and python draws."""
+    import random
+
+    import numpy as np
+
+    from polyformer.callbacks.rng_state import RNGState
+
+    torch.manual_seed(1)
+    random.seed(2)
+    np.random.seed(3)
+    callback = RNGState()
+    torch.save({"rng": callback.state_dict()}, tmp_path / "c.pt")
+    expected = (torch.rand(4), random.random(), np.random.rand(4))
+    torch.rand(7)  # move every generator on, as training would
+    random.random()
+    np.random.rand(2)
+    callback.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True)["rng"])
+    callback.on_train_batch_start(None, None, None, 0)  # type: ignore[arg-type]
+    again = (torch.rand(4), random.random(), np.random.rand(4))
+    assert torch.equal(expected[0], again[0]) and expected[1] == again[1] and np.array_equal(expected[2], again[2])

@@ -1,0 +1,144 @@
+"""The language-model task: metrics against hand computation, generation (cache, stop token, limits), training,
+checkpoint round trip with the tokenizer, and configuration errors."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from polyformer.backbone import TransformerConfig
+from polyformer.checkpoint import load_task
+from polyformer.data.text import TextDataModule
+from polyformer.data.tokenizers import _bytes_to_unicode
+from polyformer.tasks.base import OptimizerConfig
+from polyformer.tasks.language_model import LanguageModel, SamplingConfig
+
+TINY = TransformerConfig(width=32, depth=2, heads=4, position="learned", max_len=64, causal=True, dropout=0.0)
+
+
+def trainer(tmp_path, **kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> TextDataModule:
+    dm = TextDataModule(tokenizer="bpe", bpe_vocab_size=300, block_size=32, batch_size=8,
+                        cache_dir=str(tmp_path_factory.mktemp("cache")))  # fmt: skip
+    dm.setup("fit")
+    return dm
+
+
+def built(data: TextDataModule, **kwargs) -> LanguageModel:
+    torch.manual_seed(0)
+    model = LanguageModel(backbone=kwargs.pop("backbone", TINY), **kwargs)
+    model.link_from_data(data)
+    model.tokenizer = data.tokenizer
+    model.configure_model()
+    return model.eval()
+
+
+def test_validation_metrics_match_hand_computation(data, tmp_path):
+    model = built(data)
+    logged = trainer(tmp_path).validate(model, datamodule=data, verbose=False)[0]
+    nats, tokens, nbytes = 0.0, 0, 0
+    to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            logits = model(batch[:, :-1])
+            targets = batch[:, 1:]
+            nats += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+            tokens += targets.numel()
+            # The bytes each byte-level token stands for (special tokens stand for none).
+            pieces = [data.tokenizer.inner.id_to_token(t) for t in targets.flatten().tolist()]
+            nbytes += sum(len(bytes(to_byte[c] for c in p)) for p in pieces if p not in ("<|endoftext|>", "<|pad|>"))
+    assert model.vocab_size == 300 and model.embed.weight.shape[0] == 320  # padded to a multiple of 64
+    assert logged["val_loss"] == pytest.approx(nats / tokens, rel=1e-5)
+    assert logged["val_ppl"] == pytest.approx(math.exp(logged["val_loss"]), rel=1e-5)
+    assert logged["val_bpb"] == pytest.approx(nats / (math.log(2) * nbytes), rel=1e-5)
+
+
+def test_cached_and_uncached_generation_agree(data):
+    model = built(data)
+    prompts = [[5, 6, 7, 8, 9], [11], [3, 4]]  # different lengths: left-padded in one batch
+    for temperature, top_k, top_p in [(0.0, None, None), (1.0, 20, None), (0.9, None, 0.8)]:
+        kwargs = dict(max_new_tokens=12, temperature=temperature, top_k=top_k, top_p=top_p, seed=3)
+        cached = model.generate(prompts, use_cache=True, **kwargs)
+        assert cached == model.generate(prompts, use_cache=False, **kwargs)
+        assert all(len(row) == 12 for row in cached)
+    # Left padding does not change a prompt's continuation: each prompt alone gives the same greedy tokens.
+    batched = model.generate(prompts, max_new_tokens=6, temperature=0.0)
+    assert batched == [model.generate([p], max_new_tokens=6, temperature=0.0)[0] for p in prompts]
+
+
+def test_generation_stops_at_eos_and_never_samples_padding(data):
+    model = built(data)
+    greedy = model.generate([[5, 6, 7]], max_new_tokens=10, temperature=0.0)[0]
+    stop = greedy[3]
+    first = greedy.index(stop)
+    assert model.generate([[5, 6, 7]], max_new_tokens=10, temperature=0.0, eos_id=stop)[0] == greedy[:first]
+    assert model.generate([[5, 6, 7]], max_new_tokens=0, temperature=0.0) == [[]]
+    # Hot sampling over many tokens: padding and the padded vocabulary tail never come out.
+    tokens = sum(model.generate([[5]] * 8, max_new_tokens=40, temperature=5.0, top_k=None), [])
+    assert data.tokenizer.pad_id not in tokens and max(tokens) < data.tokenizer.vocab_size
+    with pytest.raises(ValueError, match="max_len"):
+        model.generate([[5]], max_new_tokens=64)
+
+
+def test_generate_text_returns_strings(data):
+    model = built(data, samples=SamplingConfig(max_new_tokens=5, temperature=0.0))
+    texts = model.generate_text(["The ", "A much longer prompt than the first one"])
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    ids = model.generate([[data.tokenizer.bos_id, *data.tokenizer.encode("The ")]], max_new_tokens=5, temperature=0)
+    assert texts[0] == data.tokenizer.decode(ids[0])
+
+
+def test_training_lowers_the_loss_and_checkpoint_carries_tokenizer(data, tmp_path):
+    model = LanguageModel(backbone=TINY, optimizer=OptimizerConfig(lr=3e-3, warmup_steps=5), samples=None)
+    t = trainer(tmp_path, max_steps=40, limit_val_batches=2, val_check_interval=40, gradient_clip_val=1.0)
+    before = trainer(tmp_path).validate(model, datamodule=data, verbose=False)[0]["val_loss"]
+    t.fit(model, datamodule=data)
+    after = t.callback_metrics["val_loss"].item()
+    assert after < before - 0.5, (before, after)
+    t.save_checkpoint(tmp_path / "lm.ckpt")
+    loaded = load_task(tmp_path / "lm.ckpt", expected=LanguageModel)
+    assert loaded.tokenizer.to_json() == data.tokenizer.to_json()
+    x = data.val_set[0][None, :-1]
+    torch.testing.assert_close(loaded(x), model.eval()(x))
+    fine_tune = built(data, init_from=str(tmp_path / "lm.ckpt"))  # starts from the trained weights
+    torch.testing.assert_close(fine_tune(x), model(x))
+
+
+def test_untied_head_trains_both_matrices(data):
+    model = built(data, tie_embeddings=False).train()
+    assert model.head.weight is not model.embed.weight
+    nats, _ = model.token_losses(data.train_set[0][None])
+    nats.mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    tied = built(data)
+    assert tied.head.weight is tied.embed.weight
+    assert sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in tied.parameters()) == 320 * 32
+
+
+def test_configuration_errors_name_the_field(data, tmp_path):
+    with pytest.raises(ValueError, match="causal"):
+        LanguageModel(backbone=TransformerConfig(width=32, depth=1, heads=4))
+    long_blocks = TextDataModule(tokenizer="bpe", bpe_vocab_size=300, block_size=128, cache_dir=str(data.cache_dir))
+    with pytest.raises(ValueError, match="block_size \\(128\\) exceeds model.backbone.max_len \\(64\\)"):
+        trainer(tmp_path, max_steps=1).fit(LanguageModel(backbone=TINY), datamodule=long_blocks)
+
+
+@pytest.mark.slow
+def test_validation_metrics_are_exact_across_two_processes(data, tmp_path):
+    """Rank 0 and rank 1 each see half the validation blocks; the summed metric equals the single-process one."""
+    model = built(data)
+    one = trainer(tmp_path).validate(model, datamodule=data, verbose=False)[0]
+    two = trainer(tmp_path, devices=2, strategy="ddp_spawn").validate(model, datamodule=data, verbose=False)[0]
+    for key in ("val_loss", "val_ppl", "val_bpb"):
+        assert two[key] == pytest.approx(one[key], rel=1e-6), key

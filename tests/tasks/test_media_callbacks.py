@@ -1,0 +1,166 @@
+"""Per-task media and training statistics, in-process tiny fits logged to real offline W&B runs read back from their
+files; the same callbacks with TensorBoard, CSV and no logger at all."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from wandb_reader import offline_runs, read_run
+
+from polyformer.backbone import TransformerConfig
+from polyformer.callbacks.media import TaskMedia, group_attention
+from polyformer.callbacks.stats import LearningRate, TrainingStats, token_count
+from polyformer.loggers import RunMetadata, WandbLogger
+
+TINY = dict(width=32, depth=2, heads=2, dropout=0.0)
+
+
+def lm_task():
+    from polyformer.data.text import TextDataModule
+    from polyformer.tasks.language_model import LanguageModel, SamplingConfig
+
+    model = LanguageModel(
+        TransformerConfig(**TINY, position="learned", max_len=64, causal=True),
+        samples=SamplingConfig(prompts=["The ", "A "], max_new_tokens=8),
+    )
+    return model, TextDataModule(tokenizer="byte", block_size=16, batch_size=8)
+
+
+def translation_task():
+    from polyformer.data.translation import TranslationData
+    from polyformer.tasks.translation import DecodingConfig, Translation
+
+    data = TranslationData(bpe_vocab_size=300, batch_size=8, train_size=200, val_size=16, test_size=16)
+    return Translation(TransformerConfig(**TINY, max_len=128), decoding=DecodingConfig(beam_size=1)), data
+
+
+def vit_task():
+    from polyformer.data.images import ImageDataModule
+    from polyformer.tasks.image_classification import ImageClassifier
+
+    model = ImageClassifier(TransformerConfig(**TINY, position="none"), patch_size=4, num_misclassified=4)
+    return model, ImageDataModule(dataset="digits", batch_size=16, eval_batch_size=32)
+
+
+def fit(model, data, logger, tmp_path, callbacks=None, steps=4):
+    callbacks = callbacks if callbacks is not None else [
+        RunMetadata(), TaskMedia(num_samples=3, max_new_tokens=6), TrainingStats(window_size=2), LearningRate()
+    ]  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=steps, val_check_interval=2, check_val_every_n_epoch=None, limit_val_batches=1, log_every_n_steps=1,
+        num_sanity_val_steps=0, accelerator="cpu", devices=1, logger=logger, callbacks=callbacks,
+        default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=logger is not False,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=data)
+    return trainer
+
+
+@pytest.fixture
+def wandb_run(tmp_path, monkeypatch):
+    """A fit logged to an offline W&B run in tmp_path, read back after wandb.finish() has flushed it."""
+    import wandb
+
+    monkeypatch.setenv("POLYFORMER_CACHE", str(tmp_path / "cache"))
+
+    def run(make_task):
+        model, data = make_task()
+        trainer = fit(model, data, WandbLogger(save_dir=str(tmp_path), offline=True), tmp_path)
+        wandb.finish()
+        (run_dir,) = offline_runs(tmp_path)
+        return trainer, read_run(run_dir)
+
+    yield run
+    wandb.finish()
+    wandb.teardown()  # stops wandb-core, so no later subprocess inherits its address (WANDB_SERVICE)
+
+
+def check_common(run, trainer):
+    keys = run.metric_keys()
+    assert {"train/grad_norm", "memory/peak_rss_gb", "train/device/samples_per_sec"} <= keys, sorted(keys)
+    assert any(k.startswith("lr-AdamW") for k in keys), sorted(keys)
+    # grad norm every step (log_every_n_steps=1), at the trainer's steps, positive and finite
+    steps = [s for s, _ in run.values("train/grad_norm")]
+    assert steps == list(range(trainer.global_step)), steps
+    assert all(0 < v < float("inf") for _, v in run.values("train/grad_norm"))
+    # the resolved config is not there in-process (no CLI), but the model's hyperparameters are
+    assert "backbone" in run.config
+
+
+@pytest.mark.slow
+def test_language_model_media(wandb_run):
+    trainer, run = wandb_run(lm_task)
+    check_common(run, trainer)
+    assert "train/device/items_per_sec" in run.metric_keys()  # tokens/s
+    assert "train/device/flops_per_sec" in run.metric_keys()  # FLOPs from the backbone formula for token blocks
+    assert [s for s, _ in run.values("media/samples._type")] == [2, 4]  # after each of the two validations
+    (table, *_) = run.media("table", "media/samples")
+    content = json.loads(table.read_text())
+    assert content["columns"] == ["step", "prompt", "continuation"]
+    assert [row[1] for row in content["data"]] == ["The ", "A "]
+    assert all(isinstance(row[2], str) for row in content["data"])
+    assert run.media("images", "media/attention/backbone/attn")
+
+
+@pytest.mark.slow
+def test_translation_media(wandb_run):
+    trainer, run = wandb_run(translation_task)
+    check_common(run, trainer)
+    table = json.loads(run.media("table", "media/translations")[0].read_text())
+    assert table["columns"] == ["source", "reference", "hypothesis", "sentence_bleu"]
+    assert len(table["data"]) == 3 and all(0 <= row[3] <= 100 for row in table["data"])
+    assert all(row[0] and row[1] for row in table["data"])
+    sig = json.loads(run.media("table", "media/sacrebleu")[0].read_text())
+    assert sig["data"][0][0] == "bleu" and sig["data"][0][2].startswith("nrefs:1")
+    # encoder self-attention, decoder self- and cross-attention
+    for key in ("encoder/attn", "decoder/attn", "decoder/cross_attn"):
+        assert run.media("images", f"media/attention/{key}"), key
+
+
+def test_image_classification_media(wandb_run):
+    trainer, run = wandb_run(vit_task)
+    check_common(run, trainer)
+    assert run.media("images", "media/confusion_matrix")
+    shots = run.media("images", "media/misclassified")
+    assert shots  # an untrained 10-class model gets most digits wrong
+    row = next(r for r in run.history if "media/misclassified.captions" in r or "media/misclassified._type" in r)
+    assert row["trainer/global_step"] == 2
+
+
+def test_group_attention_picks_layers_and_heads():
+    maps = {f"encoder.blocks.{i}.attn": torch.rand(4, 5, 5) for i in range(3)}
+    maps["decoder.blocks.0.cross_attn"] = torch.rand(4, 5, 7)
+    groups = group_attention(maps, layers=[0, 2], heads=[1, 3], max_heads=4)
+    assert sorted(groups) == ["decoder/cross_attn", "encoder/attn"]
+    assert sorted(groups["encoder/attn"]) == [0, 2]
+    torch.testing.assert_close(groups["encoder/attn"][2], maps["encoder.blocks.2.attn"][[1, 3]])
+
+
+def test_token_count():
+    assert token_count(torch.zeros(4, 9, dtype=torch.long)) == 36
+    assert token_count({"source": torch.zeros(2, 5, dtype=torch.long), "target_in": torch.zeros(2, 7).long()}) == 14
+    assert token_count((torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))) == 0
+
+
+def test_tensorboard_csv_and_no_logger(tmp_path, monkeypatch):
+    """Media degrade to what the logger supports: images and text in TensorBoard, nothing in CSV; no logger at all
+    must not crash either."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("POLYFORMER_CACHE", str(tmp_path / "cache"))
+    tb, csv = TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv")
+    fit(*vit_task(), [tb, csv], tmp_path, steps=2)
+    events = EventAccumulator(tb.log_dir, size_guidance={"images": 0, "tensors": 0}).Reload()
+    tags = events.Tags()
+    assert "media/confusion_matrix/0" in tags["images"], tags
+    assert any(t.startswith("media/misclassified/") for t in tags["images"])
+    assert "train/grad_norm" in tags["scalars"]
+    metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "train/grad_norm" in metrics and "lr-AdamW" in metrics
+
+    trainer = fit(*vit_task(), False, tmp_path / "none", steps=2)
+    assert trainer.global_step == 2
