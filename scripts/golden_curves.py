@@ -8,6 +8,7 @@ Regenerate only after a change that is meant to alter the numerics, and say so i
 """
 
 import argparse
+import logging
 import sys
 import warnings
 
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="compare with the stored curves instead of writing them")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", module="lightning")
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # keep the output to one line per task
     failed = False
     for task in args.tasks:
         losses = run_curve(task)

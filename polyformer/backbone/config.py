@@ -30,6 +30,7 @@ class TransformerConfig:
     final_norm: bool = True  # a last norm after a pre-LN stack (GPT-2, ViT); post-LN stacks end normalised anyway
     dropout: float = 0.1  # on embeddings and residual branches
     attention_dropout: float = 0.0  # on attention weights
+    drop_path: float = 0.0  # stochastic depth (Huang et al. 2016): rate of the last block, 0 -> rate over depth
     bias: bool = True
     position: Position = "sinusoidal"
     max_len: int = 1024  # learned positions: table size; sinusoidal: precomputed (longer inputs still work)
@@ -52,7 +53,7 @@ class TransformerConfig:
             raise ValueError(f"TransformerConfig.kv_heads ({self.kv_heads}) must divide heads ({self.heads})")
         if self.position == "rotary" and self.head_dim % 2:
             raise ValueError(f"rotary positions need an even head dim, got width/heads = {self.head_dim}")
-        for name in ("dropout", "attention_dropout"):
+        for name in ("dropout", "attention_dropout", "drop_path"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"TransformerConfig.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.mlp_ratio <= 0:

@@ -52,10 +52,24 @@ def make_norm(cfg: TransformerConfig) -> nn.Module:
     return nn.LayerNorm(cfg.width, eps=cfg.norm_eps, bias=cfg.bias)
 
 
+class DropPath(nn.Module):
+    """Stochastic depth: drop a sample's whole residual branch with probability p, scale survivors by 1/(1-p)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, D)
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
 class Block(nn.Module):
     """Self-attention, optional cross-attention and FFN sublayers, each residual, pre-LN or post-LN."""
 
-    def __init__(self, cfg: TransformerConfig) -> None:
+    def __init__(self, cfg: TransformerConfig, drop_path: float = 0.0) -> None:
         super().__init__()
         self.prenorm = cfg.prenorm
         self.norm1, self.attn = make_norm(cfg), Attention(cfg)
@@ -63,11 +77,12 @@ class Block(nn.Module):
         self.cross_attn = Attention(cfg, cross=True) if cfg.cross_attention else None
         self.norm2, self.mlp = make_norm(cfg), FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+        self.drop_path = DropPath(drop_path)
 
     def sublayer(self, x: Tensor, norm: nn.Module, fn) -> Tensor:
         if self.prenorm:  # x + f(LN(x))
-            return x + self.drop(fn(norm(x)))
-        return norm(x + self.drop(fn(x)))  # the paper: LN(x + f(x))
+            return x + self.drop_path(self.drop(fn(norm(x))))
+        return norm(x + self.drop_path(self.drop(fn(x))))  # the paper: LN(x + f(x))
 
     def forward(
         self,

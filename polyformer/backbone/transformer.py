@@ -33,7 +33,9 @@ class Transformer(nn.Module):
         }[cfg.position]()
         self.rope = RotaryPositions(cfg.head_dim, cfg.rope_base) if cfg.position == "rotary" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        # Stochastic depth grows linearly with depth, as in DeiT: deeper blocks are dropped more often.
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(Block(cfg, drop_path=r) for r in rates)
         self.norm = make_norm(cfg) if cfg.prenorm and cfg.final_norm else nn.Identity()
         self.activation_checkpointing = False  # switched on by the task; recomputes each block in backward
         init_weights(self, cfg.depth)

@@ -5,11 +5,17 @@ but not the RNGs.
 The states are stored as tensors, ints and lists (no numpy arrays, no tuples of objects), so checkpoints still load
 with `torch.load(weights_only=True)`.
 
-Which state: the one at the end of the last training batch, put back at the start of the next one. Everything
-between two training batches (validation, creating data-loader iterators, which draws a seed from the global torch
-generator, checkpointing, logging) is thereby kept out of the training stream of random numbers. So a run resumed
-from any checkpoint (mid-epoch, after validation, at an epoch boundary, a SLURM requeue) draws exactly the dropout
-masks of the run that never stopped, and changing how often validation runs does not change training.
+Which state: the one at the end of the last training batch. It is put back
+- at the start of every training batch, so nothing that runs between batches (validation, checkpointing, logging,
+  data-loader start-up, which draws a seed from the global torch generator) shifts the draws of the training steps;
+- after validation inside fit, so the next batch's data augmentation (drawn when the batch is loaded, before any
+  batch hook) sees the same state whether or not validation ran, and whether or not the run was resumed there;
+- on resume, at `on_train_start`, i.e. before the first batch is loaded.
+So a run resumed from a checkpoint draws the dropout masks, and the in-process augmentations, of the run that never
+stopped. One gap remains outside this callback: a DataLoader without its own `generator` draws a seed from the
+global generator whenever an iterator is created, and a resumed run creates some (the training loader mid-epoch, the
+validation loader when Lightning fast-forwards a validation that was due) where the uninterrupted run did not; that
+shifts the first resumed batch's load-time augmentation. Loaders that own a generator close it (docs/cluster.md).
 
 Only the state of the saving rank (rank 0) is written: Lightning seeds every rank alike (`seed_everything`), and the
 ranks make the same draws in lockstep, so rank 0's state is every rank's state. Gathering per-rank states would need
@@ -70,13 +76,23 @@ class RNGState(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._states = state_dict
 
+    def _rewind(self) -> None:
+        if self._states is not None:
+            restore_rng_states(self._states)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._rewind()  # resumed: before the first batch is loaded
+
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._states is not None:
-            restore_rng_states(self._states)
+        self._rewind()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._states = collect_rng_states()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._rewind()  # as if validation had not run: the next batch loads with the same state either way

@@ -76,6 +76,8 @@ class ResumableLoader(DataLoader):
 
     def __iter__(self):  # type: ignore[override]
         sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
+        if self.batches_done >= len(self):  # Lightning stops after len() batches without exhausting this generator
+            self.batches_done = 0
         sampler.skip = self.batches_done * self.batch_size  # type: ignore[operator]
         for batch in super().__iter__():
             self.batches_done += 1

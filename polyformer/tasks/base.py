@@ -129,6 +129,8 @@ class TaskModule(L.LightningModule):
                     )
                 setattr(self, name, value)
                 self.hparams[name] = value
+                # Lightning compares the model's and data module's *initial* hparams: keep them in step too.
+                self._hparams_initial[name] = value
 
     def setup(self, stage: str) -> None:
         if self._trainer is not None and self.trainer.datamodule is not None:

@@ -47,12 +47,15 @@ class ImageTower(nn.Module):
         pool: Literal["cls", "avg"] = "cls",
         position: Literal["learned", "sincos2d"] = "learned",
         norm_pre: bool = False,  # a norm before the blocks: OpenAI/open_clip ViTs have one (ln_pre)
+        patch_bias: bool = True,  # OpenAI/open_clip patch convolutions have none
     ) -> None:
         super().__init__()
         if backbone.causal or backbone.cross_attention:
             raise ValueError("the image tower is an encoder: backbone.causal and cross_attention must be false")
         self.pool = pool
-        self.patch = PatchEmbedding(image_size, patch_size, channels, backbone.width, class_token=pool == "cls")
+        self.patch = PatchEmbedding(
+            image_size, patch_size, channels, backbone.width, class_token=pool == "cls", bias=patch_bias
+        )
         self.prefix = int(pool == "cls")
         if position == "learned":
             self.pos_embed = nn.Parameter(torch.randn(1, self.patch.num_tokens, backbone.width) * 0.02)
@@ -67,13 +70,13 @@ class ImageTower(nn.Module):
             self.norm_post, self.encoder.norm = self.encoder.norm, nn.Identity()
 
     def forward(self, images: Tensor) -> Tensor:  # (B, C, H, W) -> (B, D)
-        x = self.patch(images)
-        pos = self.pos_embed
-        if x.shape[1] != pos.shape[1]:  # another resolution than the table was made for
-            pos = resize_pos_embed(pos, math.isqrt(x.shape[1] - self.prefix), self.prefix)
-        x = self.encoder(self.norm_pre(x + pos))
+        x = self.tokens(images)
         return self.norm_post(x[:, 0] if self.pool == "cls" else x.mean(dim=1))
 
     def tokens(self, images: Tensor) -> Tensor:
         """Every output token (B, [1 +] N, D), for attention maps and dense uses."""
-        return self.encoder(self.norm_pre(self.patch(images) + self.pos_embed))
+        x = self.patch(images)
+        pos = self.pos_embed
+        if x.shape[1] != pos.shape[1]:  # another resolution than the table was made for
+            pos = resize_pos_embed(pos, math.isqrt(x.shape[1] - self.prefix), self.prefix)
+        return self.encoder(self.norm_pre(x + pos))

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from polyformer.backbone import TokenEmbedding, Transformer, TransformerConfig, training_flops_per_token
+from polyformer.backbone.layers import DropPath
 
 
 def make(**kw) -> Transformer:
@@ -192,3 +193,21 @@ def test_parameter_count_and_flops():
 def test_config_errors_name_the_field_and_value(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         TransformerConfig(**kwargs)
+
+
+def test_stochastic_depth_drops_whole_residual_branches_only_in_training():
+    plain = make(drop_path=0.0)
+    model = make(drop_path=0.5)  # same seed: same weights
+    assert [block.drop_path.p for block in model.blocks] == [0.0, 0.5]  # linear over depth, as in DeiT
+    x = torch.randn(8, 3, 32)
+    torch.testing.assert_close(model.eval()(x), plain.eval()(x))  # evaluation: nothing dropped
+    assert not torch.allclose(model.train()(x), plain.train()(x))
+
+    drop = DropPath(0.25).train()
+    branch = torch.ones(4000, 3, 2)
+    out = drop(branch)
+    per_sample = out.flatten(1)
+    torch.testing.assert_close(per_sample.unique(), torch.tensor([0.0, 1 / 0.75]))  # dropped whole, or scaled
+    assert (per_sample == per_sample[:, :1]).all()
+    assert abs((per_sample[:, 0] == 0).float().mean().item() - 0.25) < 0.03
+    assert abs(out.mean().item() - 1.0) < 0.05  # unbiased in expectation
