@@ -30,6 +30,8 @@ VERBS = {
 # Callbacks registered for every run, by config key: `--guards.on_nonfinite=skip`. One line per callback.
 ALWAYS_ON = {
     "guards": "polyformer.callbacks.guards.TrainingGuards",
+    "rng_state": "polyformer.callbacks.rng_state.RNGState",  # before slurm_requeue: snapshot, then the HPC save
+    "slurm_requeue": "polyformer.callbacks.slurm_requeue.SlurmRequeue",
     "run_metadata": "polyformer.loggers.RunMetadata",
     "stats": "polyformer.callbacks.stats.TrainingStats",
     "lr": "polyformer.callbacks.stats.LearningRate",

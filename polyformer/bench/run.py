@@ -201,7 +201,6 @@ def run_generation(args: argparse.Namespace, s: Settings) -> list[Row]:
                     case.tokens / t_peer,
                     paired_ratio(times[ours], times[peer]),
                     note,
-                    "backbone assembly",
                 )  # fmt: skip
             )
     return rows

@@ -23,12 +23,22 @@ def _world() -> tuple[int, int]:
     return 1, 0
 
 
-class ResumableSampler(DistributedSampler):
+class EpochSampler(DistributedSampler):
+    """A sampler whose epoch is advanced by its `ResumableLoader`, and whose first `skip` items of an epoch are
+    dropped on resume. Lightning's `set_epoch` is ignored: when a run stops on max_steps, Lightning counts the epoch
+    as finished and would move to the next one while the checkpointed position still points into this one."""
+
+    skip = 0  # items of this epoch already consumed
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
+class ResumableSampler(EpochSampler):
     """Seeded shuffle per epoch (or sequential), sharded by rank, equal length on every rank, skippable start."""
 
     def __init__(self, dataset: Dataset, shuffle: bool = True, seed: int = 0) -> None:
         super().__init__(dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=seed, drop_last=True)
-        self.skip = 0  # samples of this epoch already consumed (set on resume)
 
     def _indices(self) -> list[int]:
         world, rank = _world()
@@ -66,32 +76,48 @@ class EvalSampler(DistributedSampler):
 
 
 class ResumableLoader(DataLoader):
-    """A training DataLoader whose position within the epoch is part of the checkpoint."""
+    """A training DataLoader whose position within the epoch is part of the checkpoint.
 
-    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = True, seed: int = 0, **kwargs: Any) -> None:
-        super().__init__(
-            dataset, batch_size=batch_size, sampler=ResumableSampler(dataset, shuffle, seed), drop_last=True, **kwargs
-        )
+    Give `batch_size` to batch a `ResumableSampler` over `dataset`, or `batch_size=None` and an `EpochSampler`
+    that yields whole batches (e.g. length buckets)."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int | None,
+        shuffle: bool = True,
+        seed: int = 0,
+        sampler: EpochSampler | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if sampler is None:
+            sampler = ResumableSampler(dataset, shuffle, seed)
+            kwargs["drop_last"] = True
+        # Own generator: creating an iterator then never draws from the global RNG, which resume must replay.
+        kwargs.setdefault("generator", torch.Generator())
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
         self.batches_done = 0
 
     def __iter__(self):  # type: ignore[override]
-        sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
+        sampler: EpochSampler = self.sampler  # type: ignore[assignment]
         if self.batches_done >= len(self):  # Lightning stops after len() batches without exhausting this generator
             self.batches_done = 0
-        sampler.skip = self.batches_done * self.batch_size  # type: ignore[operator]
+            sampler.epoch += 1
+        sampler.skip = self.batches_done * (self.batch_size or 1)
+        # Worker seeds follow the position, so a resumed epoch augments as the uninterrupted one would.
+        self.generator.manual_seed(sampler.seed + 1_000_003 * sampler.epoch + self.batches_done)
         for batch in super().__iter__():
             self.batches_done += 1
             yield batch
-        self.batches_done = 0
-        sampler.set_epoch(sampler.epoch + 1)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.sampler.epoch, "batches_done": self.batches_done}  # type: ignore[attr-defined]
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.set_epoch(state["epoch"])  # type: ignore[attr-defined]
+        self.sampler.epoch = state["epoch"]  # type: ignore[attr-defined]
         self.batches_done = state["batches_done"]
 
 
 def eval_loader(dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+    kwargs.setdefault("generator", torch.Generator().manual_seed(0))  # leave the global RNG alone (see above)
     return DataLoader(dataset, batch_size=batch_size, sampler=EvalSampler(dataset), **kwargs)

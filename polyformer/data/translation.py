@@ -18,9 +18,9 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
-from polyformer.data.loading import _world, eval_loader
+from polyformer.data.loading import EpochSampler, ResumableLoader, _world, eval_loader
 from polyformer.data.number_corpus import number_corpus
 from polyformer.data.tokenizers import Tokenizer, pretrained, train_bpe
 
@@ -92,17 +92,16 @@ def length_batches(lengths: list[int], order: list[int], batch_size: int, max_to
     return batches
 
 
-class BucketBatchSampler(DistributedSampler):
+class BucketBatchSampler(EpochSampler):
     """Each epoch: shuffle, stable-sort by length (ties stay shuffled), cut into batches, shuffle the batches, and
     give rank r every world-th batch, the same number on every rank (the remainder is dropped). Yields whole batches
-    (lists of indices); a DistributedSampler subclass so Lightning leaves it in place under DDP."""
+    (lists of indices); a DistributedSampler (via EpochSampler) so Lightning leaves it in place under DDP."""
 
     def __init__(
         self, lengths: list[int], batch_size: int, max_tokens: int | None, shuffle: bool = True, seed: int = 0
     ) -> None:
         super().__init__(lengths, num_replicas=1, rank=0, shuffle=shuffle, seed=seed)  # type: ignore[arg-type]
         self.lengths, self.batch_size, self.max_tokens = lengths, batch_size, max_tokens
-        self.skip = 0  # batches of this epoch already consumed (set on resume)
         # The sorted length sequence is the same every epoch, hence so is the number of batches.
         by_length = sorted(range(len(lengths)), key=lengths.__getitem__)
         self._count = len(length_batches(lengths, by_length, batch_size, max_tokens))
@@ -126,31 +125,6 @@ class BucketBatchSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self._count // _world()[0]
-
-
-class BucketLoader(DataLoader):
-    """Training loader over length buckets whose mid-epoch position is saved in Lightning checkpoints. The sampler
-    yields whole batches (batch_size=None) and the dataset returns the list of pairs for them."""
-
-    def __init__(self, dataset: ParallelDataset, sampler: BucketBatchSampler, **kwargs: Any) -> None:
-        super().__init__(dataset, batch_size=None, sampler=sampler, **kwargs)
-        self.batches_done = 0
-
-    def __iter__(self):  # type: ignore[override]
-        sampler: BucketBatchSampler = self.sampler  # type: ignore[assignment]
-        sampler.skip = self.batches_done
-        for batch in super().__iter__():
-            self.batches_done += 1
-            yield batch
-        self.batches_done = 0
-        sampler.set_epoch(sampler.epoch + 1)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "batches_done": self.batches_done}  # type: ignore[attr-defined]
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.set_epoch(state["epoch"])  # type: ignore[attr-defined]
-        self.batches_done = state["batches_done"]
 
 
 def read_local(path: str, source_lang: str, target_lang: str) -> tuple[list[str], list[str]]:
@@ -318,7 +292,7 @@ class TranslationData(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         ds, hp = self.datasets["train"], self.hparams
         sampler = BucketBatchSampler(ds.lengths(), hp.batch_size, hp.max_tokens, shuffle=True, seed=hp.seed)
-        return BucketLoader(ds, sampler, collate_fn=self.collate(), num_workers=hp.num_workers)
+        return ResumableLoader(ds, None, sampler=sampler, collate_fn=self.collate(), num_workers=hp.num_workers)
 
     def _eval(self, split: str) -> DataLoader:
         return eval_loader(self.datasets[split], self.hparams.batch_size, collate_fn=self.collate())

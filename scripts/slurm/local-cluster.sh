@@ -98,9 +98,9 @@ start() {
     install_packages
     write_config
     start_munge
-    # -i: ignore saved state, so a cluster restarted between CI runs starts empty.
+    # -c: clear the saved state (jobs of an earlier run), so a restarted cluster starts empty and idle.
     if ! { [[ -f "$STATE_DIR/slurmctld.pid" ]] && kill -0 "$(cat "$STATE_DIR/slurmctld.pid")" 2>/dev/null; }; then
-        slurmctld -i
+        slurmctld -c
     fi
     if ! { [[ -f "$STATE_DIR/slurmd.pid" ]] && kill -0 "$(cat "$STATE_DIR/slurmd.pid")" 2>/dev/null; }; then
         slurmd
