@@ -129,14 +129,16 @@ def beam_search(
         beam, tok = top_idx // V, top_idx % V
         is_eos = tok == eos_id
         norm = ((5 + t) / 6) ** length_penalty
+        # One device-to-host copy per step, not one per element (each would wait for the GPU).
+        eos_l, score_l, beam_l, tok_l = is_eos.tolist(), top_scores.tolist(), beam.tolist(), tok.tolist()
         for b in range(B):
             if done[b]:
                 continue
             for j in range(K):  # only the top K may end: a worse eos must not fill the finished list (fairseq too)
                 force = t >= max_len[b]  # out of length: the top K end here whatever they are
-                if (is_eos[b, j] or force) and top_scores[b, j] > float("-inf") and len(finished[b]) < K:
-                    hyp = tokens[b * K + beam[b, j], 1:].tolist() + ([] if is_eos[b, j] else [int(tok[b, j])])
-                    finished[b].append((float(top_scores[b, j]) / norm, hyp))
+                if (eos_l[b][j] or force) and score_l[b][j] > float("-inf") and len(finished[b]) < K:
+                    hyp = tokens[b * K + beam_l[b][j], 1:].tolist() + ([] if eos_l[b][j] else [tok_l[b][j]])
+                    finished[b].append((score_l[b][j] / norm, hyp))
             done[b] = len(finished[b]) >= K or t >= max_len[b]
         if all(done):
             break

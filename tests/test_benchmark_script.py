@@ -58,7 +58,6 @@ def test_one_task_train_and_infer(tmp_path):
     _check_markdown(text, ["train", "infer"])
 
 
-@pytest.mark.slow
 def test_every_task_and_section(tmp_path):
     rows, text = _run(tmp_path, "--sections", "train", "infer", "generate", "data")
     by_section = {s: [r for r in rows if r["section"] == s] for s in ("train", "infer", "generate", "data")}

@@ -287,7 +287,12 @@ class ImageTextData(L.LightningDataModule):
         return batch
 
     def _kwargs(self) -> dict[str, Any]:
-        return {"num_workers": self.num_workers, "collate_fn": self.collate, "persistent_workers": self.num_workers > 0}
+        return {
+            "num_workers": self.num_workers,
+            "collate_fn": self.collate,
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": torch.cuda.is_available(),  # page-locked batches copy to the GPU asynchronously
+        }
 
     def train_dataloader(self) -> DataLoader:
         return ResumableLoader(self.datasets["train"], self.batch_size, shuffle=True, seed=self.seed, **self._kwargs())

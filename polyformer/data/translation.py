@@ -292,7 +292,15 @@ class TranslationData(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         ds, hp = self.datasets["train"], self.hparams
         sampler = BucketBatchSampler(ds.lengths(), hp.batch_size, hp.max_tokens, shuffle=True, seed=hp.seed)
-        return ResumableLoader(ds, None, sampler=sampler, collate_fn=self.collate(), num_workers=hp.num_workers)
+        return ResumableLoader(
+            ds,
+            None,
+            sampler=sampler,
+            collate_fn=self.collate(),
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),  # page-locked batches copy to the GPU asynchronously
+        )
 
     def _eval(self, split: str) -> DataLoader:
         return eval_loader(self.datasets[split], self.hparams.batch_size, collate_fn=self.collate())

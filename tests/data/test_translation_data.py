@@ -145,7 +145,10 @@ def test_loader_resumes_mid_epoch(tmp_path):
     fresh = dm.train_dataloader()
     fresh.load_state_dict(state)
     assert [b["index"].tolist() for b in fresh] == rest
-    assert fresh.state_dict() == {"epoch": 1, "batches_done": 0}
+    # a finished epoch moves on to the next only when iterated again (Lightning stops after len() batches)
+    assert fresh.state_dict() == {"epoch": 0, "batches_done": len(fresh)}
+    next(iter(fresh))
+    assert fresh.state_dict() == {"epoch": 1, "batches_done": 1}
 
 
 def test_hub_layout_dataset_from_a_local_folder(tmp_path):

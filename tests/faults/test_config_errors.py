@@ -38,7 +38,7 @@ CASES = {
     ),
     "negative dropout": (["--model.backbone.dropout=-0.1"], ["TransformerConfig.dropout must be in [0, 1), got -0.1"]),
     "zero batch size": (["--data.batch_size=0"], ["data.batch_size must be >= 1", "0"]),
-    "negative learning rate": (["--model.optimizer.lr=-1"], ["optimizer.lr must be > 0, got -1"]),
+    "negative learning rate": (["--model.optimizer.lr=-1"], ["optimizer.lr must be a finite number > 0, got -1"]),
     # options that contradict each other
     "a language model that is not causal": (
         ["--model.backbone.causal=false"],

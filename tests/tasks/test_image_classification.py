@@ -65,6 +65,7 @@ def test_shapes_no_nan_and_every_parameter_gets_a_gradient(image_size, patch_siz
 
 
 def test_small_head_starts_near_uniform_loss_and_label_smoothing_changes_the_loss():
+    torch.manual_seed(0)  # the bound on the initial loss holds for typical draws, not every one
     task = build(label_smoothing=0.0)
     images, targets = torch.randn(4, 1, 8, 8), torch.arange(4)
     loss = task.training_step((images, targets), 0)
