@@ -60,7 +60,19 @@ def make_cli_class() -> type:
 
     from polyformer.checkpoint_io import with_atomic_checkpoint_io
 
+    class StrictParser(LightningArgumentParser):
+        """No prefix matching, also in the parsers jsonargparse builds for class_path arguments (it makes them of
+        the parent's type): a typo such as `--model.backbone.dept=2` must not silently mean `depth`."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("allow_abbrev", False)
+            super().__init__(*args, **kwargs)
+
     class PolyformerCLI(LightningCLI):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("parser_class", StrictParser)
+            super().__init__(*args, **kwargs)
+
         def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
             # Raise ArgumentError instead of printing the whole usage and exiting: `main` prints one line.
             kwargs.setdefault("exit_on_error", False)

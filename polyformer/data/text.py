@@ -37,6 +37,22 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("POLYFORMER_CACHE", Path.home() / ".cache" / "polyformer"))
 
 
+def explain_read_error(error: Exception, files: list[str]) -> Exception:
+    """The user-facing reason behind a `datasets` reading error, or the error itself if it is not a known one."""
+    names = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, UnicodeDecodeError):
+            return ValueError(
+                f"data.source: {names} is not UTF-8 text (byte {cause.object[cause.start]:#x} at position "
+                f"{cause.start}); convert it first, e.g. iconv -f latin1 -t utf-8"
+            )
+        if type(cause).__name__ in ("SchemaInferenceError", "EmptyDatasetError"):
+            return ValueError(f"data.source: {names} is empty: it holds no text")
+        cause = cause.__cause__ or cause.__context__
+    return error
+
+
 def is_validation(text: str, fraction: float) -> bool:
     """Deterministic document-level split: the same text always goes to the same side."""
     return zlib.crc32(text.encode()) % 100_000 < fraction * 100_000
@@ -160,7 +176,11 @@ class TextDataModule(L.LightningDataModule):
         if source == "builtin":
             return "builtin"
         sources = [source] if isinstance(source, str) else list(source)
-        if any(Path(s).suffix in _LOCAL_BUILDERS or glob.has_magic(s) or os.path.exists(s) for s in sources):
+        looks_local = ("/", "./", "../", "~")  # a path, even a missing one, is never a hub name
+        if any(
+            Path(s).suffix in _LOCAL_BUILDERS or glob.has_magic(s) or os.path.exists(s) or s.startswith(looks_local)
+            for s in sources
+        ):
             return "local"
         if len(sources) != 1:
             raise ValueError(f"data.source: several hub names are not supported, got {sources}")
@@ -194,7 +214,10 @@ class TextDataModule(L.LightningDataModule):
             files = self._local_files()
             builder = _LOCAL_BUILDERS[Path(files[0]).suffix]
             extra = {"sample_by": "paragraph"} if builder == "text" else {}  # a paragraph is a document
-            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming, **extra)
+            try:
+                ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming, **extra)
+            except Exception as e:  # datasets wraps reading errors in its own: name the cause and the fix
+                raise explain_read_error(e, files) from None
         else:
             try:
                 ds = datasets.load_dataset(self.source, self.hub_config, split=split, streaming=streaming)
@@ -334,6 +357,12 @@ class TextDataModule(L.LightningDataModule):
                     f"the {name} split has {ds.num_tokens} tokens, fewer than one block of data.block_size + 1 = "
                     f"{self.block_size + 1}; lower data.block_size or use more text (val_fraction for validation)"
                 )
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if len(self.train_set) // world < self.batch_size:  # the loader drops partial batches: 0 steps, silently
+            raise ValueError(
+                f"the training split has {len(self.train_set)} blocks, fewer than one batch "
+                f"(data.batch_size={self.batch_size} x {world} processes); lower data.batch_size"
+            )
 
     def _setup_streaming(self) -> None:
         tok = self._get_tokenizer()

@@ -186,8 +186,8 @@ def check_compatible(task: TaskModule, checkpoint: dict[str, Any]) -> None:
     for key in sorted(theirs.keys() | mine.keys()):
         if not key.startswith(task.architecture_hparams) or mine.get(key) is None:
             continue
-        if key.rsplit(".", 1)[-1] in task.not_architecture:
-            continue
+        if key.rsplit(".", 1)[-1] in task.not_architecture or key not in theirs:
+            continue  # a field newer than the checkpoint: it was saved with that field's default behaviour
         if theirs.get(key) != mine.get(key):
             raise ValueError(
                 f"checkpoint does not fit this model: {key} is {theirs.get(key)!r} in the checkpoint but "

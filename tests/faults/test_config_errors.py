@@ -21,6 +21,10 @@ CASES = {
         ["--model.backbone.widht=64"],
         ["model.backbone.widht: unknown key", "'64'", "did you mean 'width'", "heads,", "mlp_ratio"],
     ),
+    "abbreviated key (no prefix matching)": (
+        ["--model.init_args.backbone.dept=2"],
+        ["model.backbone.dept: unknown key", "did you mean 'depth'"],
+    ),
     "typo in a trainer key": (["--trainer.max_stpes=3"], ["trainer.max_stpes", "did you mean 'max_steps'", "'3'"]),
     "typo in a data key": (["--data.batch_sise=4"], ["data.batch_sise: unknown key", "did you mean 'batch_size'"]),
     # wrong types and values outside a fixed set
