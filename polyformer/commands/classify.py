@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="polyformer classify", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", type=Path, help="an ImageClassifier checkpoint (.ckpt)")
+    parser.add_argument("--ckpt", type=Path, required=True, help="an ImageClassifier checkpoint (.ckpt)")
     parser.add_argument("images", type=Path, nargs="+", help="image files (PNG, JPEG, ...)")
     parser.add_argument("--top", type=int, default=5, help="how many classes to print per image (default 5)")
     parser.add_argument("--crop-pct", type=float, default=1.0, help="resize to size / crop_pct, then centre-crop")
@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
     from polyformer.data.images import eval_transform
     from polyformer.tasks.image_classification import ImageClassifier
 
-    task = load_task(args.checkpoint, expected=ImageClassifier)
+    task = load_task(args.ckpt, expected=ImageClassifier)
     transform = eval_transform(task.image_size, task.channels, task.mean, task.std, args.crop_pct)
     names = task.class_names or [str(i) for i in range(task.num_classes)]
     top = min(args.top, task.num_classes)

@@ -11,7 +11,7 @@ import sys
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="polyformer score", description=__doc__)
-    p.add_argument("--checkpoint", required=True, help="a CLIP checkpoint saved by `polyformer fit`")
+    p.add_argument("--ckpt", required=True, help="a CLIP checkpoint saved by `polyformer fit`")
     p.add_argument("--images", nargs="+", required=True, help="image files")
     p.add_argument("--texts", nargs="+", help="texts to score; default: the checkpoint's class names (zero-shot)")
     p.add_argument("--json", action="store_true", help="print one JSON object per image instead of a table")
@@ -26,17 +26,17 @@ def main(argv: list[str]) -> int:
     from polyformer.data.image_text import load_image, normalize
     from polyformer.tasks.contrastive import CLIP
 
-    model = load_task(args.checkpoint, expected=CLIP)
+    model = load_task(args.ckpt, expected=CLIP)
     pre = model.preprocess
     if not pre:
-        raise ValueError(f"{args.checkpoint} stores no image preprocessing; it was not trained by `polyformer fit`")
+        raise ValueError(f"{args.ckpt} stores no image preprocessing; it was not trained by `polyformer fit`")
     images = torch.stack([load_image(path, pre["image_size"], pre["channels"]) for path in args.images])
     images = normalize(images, tuple(pre["mean"]), tuple(pre["std"]))  # (B, C, S, S)
     if args.texts:
         texts, probs = args.texts, model.score(images, args.texts)
     else:
         if not model.class_names:
-            raise ValueError(f"{args.checkpoint} has no class names: give --texts")
+            raise ValueError(f"{args.ckpt} has no class names: give --texts")
         texts = model.class_names
         with torch.no_grad():
             classifier = model.class_embeddings(texts, model.prompts)  # (C, E)

@@ -40,7 +40,7 @@ def test_digits_fit_raises_zero_shot_well_above_chance_then_score(tmp_path):
         path = tmp_path / f"digit{i}.png"
         Image.fromarray(images[i, 0].numpy().astype(np.uint8)).save(path)
         paths.append(str(path))
-    result = run_cli(["score", "--checkpoint", str(ckpt), "--images", *paths], cwd=tmp_path, env=THREADS)
+    result = run_cli(["score", "--ckpt", str(ckpt), "--images", *paths], cwd=tmp_path, env=THREADS)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert lines[0].split("\t") == ["image", *DIGIT_NAMES]
@@ -51,14 +51,14 @@ def test_digits_fit_raises_zero_shot_well_above_chance_then_score(tmp_path):
 
     texts = ["a photo of the number seven", "handwritten 3"]
     result = run_cli(
-        ["score", "--checkpoint", str(ckpt), "--images", paths[0], "--texts", *texts, "--json"], cwd=tmp_path
+        ["score", "--ckpt", str(ckpt), "--images", paths[0], "--texts", *texts, "--json"], cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert set(json.loads(result.stdout.strip())["scores"]) == set(texts)
 
 
 def test_score_bad_input_fails_with_one_clear_line(tmp_path):
-    result = run_cli(["score", "--checkpoint", str(tmp_path / "missing.ckpt"), "--images", "x.png"], cwd=tmp_path)
+    result = run_cli(["score", "--ckpt", str(tmp_path / "missing.ckpt"), "--images", "x.png"], cwd=tmp_path)
     assert result.returncode == 1
     assert re.search(r"checkpoint not found: .*missing\.ckpt", result.stderr)
     assert "Traceback" not in result.stderr

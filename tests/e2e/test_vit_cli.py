@@ -58,7 +58,7 @@ def test_digits_preset_fit_test_and_classify(tmp_path):
         path = tmp_path / f"digit{i}.png"
         Image.fromarray(images[i, 0].numpy()).resize((32, 32), Image.NEAREST).convert(mode).save(path)
         files.append(path)
-    out = run_cli(["classify", str(ckpt), *map(str, files), "--top", "3"], tmp_path, env=ONE_THREAD)
+    out = run_cli(["classify", "--ckpt", str(ckpt), *map(str, files), "--top", "3"], tmp_path, env=ONE_THREAD)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 3 and all(line.startswith(str(f)) for line, f in zip(lines, files))
@@ -66,7 +66,7 @@ def test_digits_preset_fit_test_and_classify(tmp_path):
         predictions = line.split(": ", 1)[1].split(", ")
         assert len(predictions) == 3 and all(p.split()[0] in DIGIT_NAMES for p in predictions)
 
-    bad = run_cli(["classify", str(ckpt), str(tmp_path / "missing.png")], tmp_path)
+    bad = run_cli(["classify", "--ckpt", str(ckpt), str(tmp_path / "missing.png")], tmp_path)
     assert bad.returncode == 1 and "image file(s) not found" in bad.stderr and "missing.png" in bad.stderr
 
 
