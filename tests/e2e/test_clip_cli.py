@@ -50,9 +50,7 @@ def test_digits_fit_raises_zero_shot_well_above_chance_then_score(tmp_path):
     assert sum(p == int(t) for p, t in zip(predicted, labels[:10])) >= 5
 
     texts = ["a photo of the number seven", "handwritten 3"]
-    result = run_cli(
-        ["score", "--ckpt", str(ckpt), "--images", paths[0], "--texts", *texts, "--json"], cwd=tmp_path
-    )
+    result = run_cli(["score", "--ckpt", str(ckpt), "--images", paths[0], "--texts", *texts, "--json"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert set(json.loads(result.stdout.strip())["scores"]) == set(texts)
 
