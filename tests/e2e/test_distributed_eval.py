@@ -40,7 +40,8 @@ def test_one_and_two_processes_evaluate_alike(task, tmp_path, cache):
     # A checkpoint of our own, so this test does not depend on how the preset keeps its checkpoints.
     polyformer(["fit", *task_args(task, trainer="cpu.yaml"), "--trainer.max_steps=4", "--trainer.limit_val_batches=0",
                 f"--trainer.default_root_dir={tmp_path / 'fit'}", "--trainer.callbacks+=ModelCheckpoint",
-                f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}", "--trainer.callbacks.save_last=true"],
+                f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}", "--trainer.callbacks.save_last=true",
+                "--trainer.callbacks.every_n_train_steps=4"],  # a state key of its own beside the preset's
                tmp_path, cache)  # fmt: skip
     ckpt = tmp_path / "ckpt" / "last.ckpt"
     results = {}

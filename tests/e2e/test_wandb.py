@@ -95,7 +95,7 @@ def test_offline_run_without_credentials_then_resume_continues_it(tmp_path, no_c
     assert run.config["trainer"]["logger"]["init_args"]["tags"] == ["test"]
     assert run.config["data"]["init_args"]["source"] == "digits"
 
-    (ckpt_path,) = (tmp_path / "logs" / "polyformer" / run.id / "checkpoints").glob("*.ckpt")
+    ckpt_path = tmp_path / "logs" / "polyformer" / run.id / "checkpoints" / "last.ckpt"
     ckpt = torch.load(ckpt_path, weights_only=True)  # plain values only
     assert ckpt["wandb"]["run_id"] == run.id
     assert ckpt["config"]["model"]["init_args"]["embed_dim"] == 64
@@ -108,8 +108,8 @@ def test_offline_run_without_credentials_then_resume_continues_it(tmp_path, no_c
     assert resumed.id == run.id  # the same W&B run continues (wandb sync merges both folders into it)
     assert [s for s, _ in resumed.values("train/loss")] == [2, 3]
     assert sorted(p.name for p in (tmp_path / "logs" / "polyformer" / run.id / "checkpoints").glob("*.ckpt")) == [
-        "epoch=0-step=2.ckpt",
-        "epoch=0-step=4.ckpt",
+        "epoch=0-step=4.ckpt",  # written by the resumed run, beside the first run's (the preset keeps the newest)
+        "last.ckpt",
     ]
 
 
