@@ -6,16 +6,13 @@ The states are stored as tensors, ints and lists (no numpy arrays, no tuples of 
 with `torch.load(weights_only=True)`.
 
 Which state: the one at the end of the last training batch. It is put back
-- at the start of every training batch, so nothing that runs between batches (validation, checkpointing, logging,
-  data-loader start-up, which draws a seed from the global torch generator) shifts the draws of the training steps;
 - after validation inside fit, so the next batch's data augmentation (drawn when the batch is loaded, before any
   batch hook) sees the same state whether or not validation ran, and whether or not the run was resumed there;
 - on resume, at `on_train_start`, i.e. before the first batch is loaded.
 So a run resumed from a checkpoint draws the dropout masks, and the in-process augmentations, of the run that never
-stopped. One gap remains outside this callback: a DataLoader without its own `generator` draws a seed from the
-global generator whenever an iterator is created, and a resumed run creates some (the training loader mid-epoch, the
-validation loader when Lightning fast-forwards a validation that was due) where the uninterrupted run did not; that
-shifts the first resumed batch's load-time augmentation. Loaders that own a generator close it (docs/cluster.md).
+stopped. It is deliberately *not* put back before every batch: the batch has been loaded (and augmented) by then, so
+rewinding would make every batch's augmentation start from the same state. Iterator start-up draws nothing from the
+global generator because our loaders own one (`polyformer.data.loading`).
 
 Only the state of the saving rank (rank 0) is written: Lightning seeds every rank alike (`seed_everything`), and the
 ranks make the same draws in lockstep, so rank 0's state is every rank's state. Gathering per-rank states would need
@@ -82,11 +79,6 @@ class RNGState(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._rewind()  # resumed: before the first batch is loaded
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._rewind()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -145,6 +145,43 @@ def test_rng_states_survive_a_weights_only_checkpoint(tmp_path):
     random.random()
     np.random.rand(2)
     callback.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True)["rng"])
-    callback.on_train_batch_start(None, None, None, 0)  # type: ignore[arg-type]
+    callback.on_train_start(None, None)  # type: ignore[arg-type]  # what a resumed fit calls
     again = (torch.rand(4), random.random(), np.random.rand(4))
     assert torch.equal(expected[0], again[0]) and expected[1] == again[1] and np.array_equal(expected[2], again[2])
+
+
+def test_rng_state_does_not_replay_the_same_augmentation_every_batch(tmp_path):
+    """Batches are loaded (and augmented) before the training step: the callback must not rewind the RNG there, or
+    every batch would draw the same augmentation. Draws made while loading must differ from batch to batch."""
+    import lightning as L
+
+    from polyformer.callbacks.rng_state import RNGState
+
+    class Augmented(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            return torch.rand(1)  # stands for a random crop drawn while the batch is loaded
+
+    class Recorder(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.seen: list[float] = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append(float(batch.sum()))
+            return (self.w * batch).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    from polyformer.data.loading import ResumableLoader
+
+    model = Recorder()
+    L.seed_everything(0)
+    trainer = L.Trainer(max_steps=4, callbacks=[RNGState()], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(model, ResumableLoader(Augmented(), batch_size=2, shuffle=False))
+    assert len(set(model.seen)) == 4, model.seen
