@@ -1,8 +1,5 @@
 """Bad data through the CLI, as a careless user would give it: each case is either handled as documented (corrupt
 images skipped with a counted warning, odd image modes converted) or stopped with one clear line before training.
-
-Cases marked xfail(strict=True) are known gaps in a data module, reported to its owner; the wanted message is what
-the test asserts, so the marker has to go once the module is fixed.
 """
 
 from __future__ import annotations
