@@ -17,7 +17,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
-def _world() -> tuple[int, int]:
+def world_and_rank() -> tuple[int, int]:
+    """(world size, rank), or (1, 0) outside a process group."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return 1, 0
@@ -41,7 +42,7 @@ class ResumableSampler(EpochSampler):
         super().__init__(dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=seed, drop_last=True)
 
     def _indices(self) -> list[int]:
-        world, rank = _world()
+        world, rank = world_and_rank()
         n = len(self.dataset)  # type: ignore[arg-type]
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -57,7 +58,7 @@ class ResumableSampler(EpochSampler):
         return iter(indices)
 
     def __len__(self) -> int:
-        return len(self.dataset) // _world()[0]  # type: ignore[arg-type]
+        return len(self.dataset) // world_and_rank()[0]  # type: ignore[arg-type]
 
 
 class EvalSampler(DistributedSampler):
@@ -67,11 +68,11 @@ class EvalSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=1, rank=0, shuffle=False, drop_last=False)
 
     def __iter__(self) -> Iterator[int]:
-        world, rank = _world()
+        world, rank = world_and_rank()
         return iter(range(rank, len(self.dataset), world))  # type: ignore[arg-type]
 
     def __len__(self) -> int:
-        world, rank = _world()
+        world, rank = world_and_rank()
         return len(range(rank, len(self.dataset), world))  # type: ignore[arg-type]
 
 

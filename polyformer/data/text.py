@@ -26,7 +26,7 @@ import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from polyformer.data.loading import ResumableLoader, eval_loader
+from polyformer.data.loading import ResumableLoader, eval_loader, world_and_rank
 from polyformer.data.tokenizers import Tokenizer, byte_level, pretrained, train_bpe
 
 CACHE_VERSION = 1  # bump when the cache layout or the split rule changes
@@ -104,11 +104,10 @@ class StreamingBlocks(IterableDataset):
         self.block_size, self.val_fraction = block_size, val_fraction
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        import torch.distributed as dist
         from datasets.distributed import split_dataset_by_node
 
         # Every (rank, worker) pair reads its own part: whole shards when they divide evenly, else every n-th row.
-        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+        world, rank = world_and_rank()
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         docs = self.docs

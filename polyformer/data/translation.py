@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from polyformer.data.loading import EpochSampler, ResumableLoader, _world, eval_loader
+from polyformer.data.loading import EpochSampler, ResumableLoader, eval_loader, world_and_rank
 from polyformer.data.number_corpus import number_corpus
 from polyformer.data.tokenizers import Tokenizer, pretrained, train_bpe
 
@@ -115,7 +115,7 @@ class BucketBatchSampler(EpochSampler):
         batches = length_batches(self.lengths, order, self.batch_size, self.max_tokens)
         if self.shuffle:
             rng.shuffle(batches)
-        world, rank = _world()
+        world, rank = world_and_rank()
         return batches[rank::world][: len(batches) // world]
 
     def __iter__(self) -> Iterator[list[int]]:  # type: ignore[override]
@@ -124,7 +124,7 @@ class BucketBatchSampler(EpochSampler):
         return iter(batches)
 
     def __len__(self) -> int:
-        return self._count // _world()[0]
+        return self._count // world_and_rank()[0]
 
 
 def read_local(path: str, source_lang: str, target_lang: str) -> tuple[list[str], list[str]]:

@@ -24,17 +24,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
+from polyformer.data.loading import world_and_rank
 
 
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:  # (B, E) -> (W * B, E)
-        world, rank = _world()
+        world, rank = world_and_rank()
         parts = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(parts, x.contiguous())
         ctx.rows = slice(rank * x.shape[0], (rank + 1) * x.shape[0])
@@ -51,7 +47,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
 def gather_with_grad(x: Tensor) -> Tensor:
     """Concatenate the equal-sized (B, E) tensors of all ranks, rank order, keeping the autograd graph."""
-    if _world()[0] == 1:
+    if world_and_rank()[0] == 1:
         return x
     return _GatherWithGrad.apply(x)
 
@@ -63,7 +59,7 @@ def contrastive_loss(image: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor
     Ranks must hold equal B (the training loader drops the last uneven batch).
     """
     B = image.shape[0]
-    rank = _world()[1]
+    rank = world_and_rank()[1]
     all_image, all_text = gather_with_grad(image), gather_with_grad(text)  # (N, E)
     labels = torch.arange(rank * B, (rank + 1) * B, device=image.device)  # our pairs' columns in the global batch
     logits_per_image = logit_scale * image @ all_text.T  # (B, N)
@@ -74,7 +70,7 @@ def contrastive_loss(image: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor
 @torch.no_grad()
 def gather_uneven(x: Tensor) -> Tensor:
     """Concatenate (n_r, ...) tensors of all ranks in rank order, where n_r may differ (no padding is kept)."""
-    world = _world()[0]
+    world = world_and_rank()[0]
     if world == 1:
         return x
     sizes = torch.tensor([x.shape[0]], device=x.device)

@@ -125,7 +125,7 @@ def test_max_tokens_caps_padded_tokens():
 def test_ranks_get_disjoint_shards_of_equal_length(monkeypatch):
     shards = []
     for rank in (0, 1):
-        monkeypatch.setattr(translation, "_world", lambda rank=rank: (2, rank))
+        monkeypatch.setattr(translation, "world_and_rank", lambda rank=rank: (2, rank))
         sampler = BucketBatchSampler(LENGTHS, batch_size=10_000, max_tokens=230)
         shards.append(list(sampler))
         assert len(shards[-1]) == len(sampler)

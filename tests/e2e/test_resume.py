@@ -16,16 +16,6 @@ from e2e.scaleout import last_checkpoint, max_abs_diff, polyformer, task_args
 N = 6  # optimizer steps of the uninterrupted run
 
 
-def rng_callback_args() -> list[str]:
-    """RNGState restores dropout's random state; append it unless the CLI registers it for every run already."""
-    from polyformer import cli
-
-    always = getattr(cli, "ALWAYS_ON", {})
-    if any(path.endswith("rng_state.RNGState") for path in always.values()):
-        return []
-    return ["--trainer.callbacks+=polyformer.callbacks.rng_state.RNGState"]
-
-
 def common(task: str) -> list[str]:
     return [
         *task_args(task, trainer="cpu.yaml"),
@@ -33,7 +23,6 @@ def common(task: str) -> list[str]:
         "--trainer.check_val_every_n_epoch=null",  # count val_check_interval in steps, across epochs
         "--trainer.val_check_interval=3",  # validates (and saves last.ckpt) at N/2 and N
         "--trainer.limit_val_batches=2",
-        *rng_callback_args(),
     ]
 
 

@@ -15,32 +15,13 @@ import torch
 from helpers import ROOT, run_cli
 from wandb_reader import offline_runs, read_run
 
-EXTRA_CALLBACKS = {
-    "polyformer.loggers.RunMetadata": [],
-    "polyformer.callbacks.media.TaskMedia": ["--trainer.callbacks.num_samples=4"],
-    "polyformer.callbacks.stats.TrainingStats": ["--trainer.callbacks.window_size=2"],
-    "polyformer.callbacks.stats.LearningRate": [],
-}
-
-
-def callback_args() -> list[str]:
-    """Our callbacks on the command line, unless the CLI already registers them for every run."""
-    from polyformer.cli import ALWAYS_ON
-
-    args = []
-    for path, extra in EXTRA_CALLBACKS.items():
-        if path not in ALWAYS_ON.values():
-            args += [f"--trainer.callbacks+={path}", *extra]
-    return args
-
 
 def clip_fit(tmp_path: Path, steps: int, *extra: str, stdin: int | None = None) -> subprocess.CompletedProcess:
     args = [
         "fit", "--config", str(ROOT / "configs/clip/digits.yaml"), "--config", str(ROOT / "configs/logger/wandb.yaml"),
         f"--trainer.max_steps={steps}", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
         "--trainer.log_every_n_steps=1", "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
-        "--trainer.logger.init_args.tags=[test]", "--trainer.logger.init_args.group=e2e",
-        *callback_args(), *extra,
+        "--trainer.logger.init_args.tags=[test]", "--trainer.logger.init_args.group=e2e", *extra,
     ]  # fmt: skip
     if stdin is None:
         return run_cli(args, cwd=tmp_path, timeout=300)

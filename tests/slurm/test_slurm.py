@@ -26,15 +26,6 @@ pytestmark = pytest.mark.slurm
 MAX_STEPS = 80  # long enough to still be training when the signal arrives, short enough to finish quickly
 
 
-def requeue_callback_args() -> list[str]:
-    """SlurmRequeue replaces Lightning's deadlock-prone SIGUSR1 handler; append it unless the CLI always adds it."""
-    from polyformer import cli
-
-    if any(path.endswith("SlurmRequeue") for path in getattr(cli, "ALWAYS_ON", {}).values()):
-        return []
-    return ["--trainer.callbacks+=polyformer.callbacks.slurm_requeue.SlurmRequeue"]
-
-
 def sh(*cmd: str) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60).stdout
 
@@ -84,7 +75,6 @@ def test_sbatch_ddp_fit_is_requeued_on_sigusr1_and_resumes(cluster, tmp_path):
         "--trainer.limit_val_batches=2",
         f"--trainer.default_root_dir={root}",
         *probe_args(probe),
-        *requeue_callback_args(),
     ]
     submitted = subprocess.run(
         ["sbatch", "--parsable", "--ntasks-per-node=2", "--cpus-per-task=1", f"--chdir={tmp_path}",
