@@ -22,10 +22,11 @@ TASK_PRESETS = [p for p in ALL if p.parent.name not in PIECES]
 PIECE_FILES = [p for p in ALL if p.parent.name in PIECES]
 
 
-def parse(*configs: Path) -> dict:
+def parse(*configs: Path, extra: tuple[str, ...] = ()) -> dict:
     args = ["fit"]
     for c in configs:
         args += ["--config", str(c)]
+    args += extra
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
         main([*args, "--print_config"])
@@ -49,6 +50,15 @@ def test_task_preset_parses(preset):
 def test_composable_piece_parses_on_top_of_a_task(piece):
     resolved = parse(piece, BASE_TASK)
     assert resolved["model"]["class_path"].startswith("polyformer.tasks.")
+
+
+def test_presets_keep_resumable_checkpoints_and_short_callback_names_still_resolve():
+    """Presets use our ResumableCheckpoint; the everyday `+=ModelCheckpoint` must still mean Lightning's class."""
+    for preset in TASK_PRESETS:
+        paths = [c["class_path"] for c in parse(preset)["trainer"]["callbacks"]]
+        assert "polyformer.callbacks.checkpoint.ResumableCheckpoint" in paths, (preset, paths)
+    resolved = parse(BASE_TASK, extra=("--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath=ckpt"))
+    assert resolved["trainer"]["callbacks"][-1]["class_path"] == "lightning.pytorch.callbacks.ModelCheckpoint"
 
 
 def test_every_preset_key_is_commented():

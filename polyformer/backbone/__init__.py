@@ -5,7 +5,7 @@ from .config import TransformerConfig
 from .embeddings import PatchEmbedding, TokenEmbedding
 from .layers import Block, FeedForward
 from .positional import sinusoidal
-from .transformer import Cache, Transformer, cache_length, init_weights, reorder_cache, training_flops_per_token
+from .transformer import Cache, Transformer, cache_length, init_weights, reorder_cache
 
 __all__ = [
     "Attention",
@@ -21,5 +21,4 @@ __all__ = [
     "init_weights",
     "reorder_cache",
     "sinusoidal",
-    "training_flops_per_token",
 ]

@@ -85,6 +85,21 @@ class Transformer(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def training_flops(self, batch: int, length: int, memory: int = 0) -> float:
+        """Model FLOPs of one training step (forward + backward = 3x forward) through the blocks, for `batch`
+        sequences of `length` positions that cross-attend to `memory` encoder positions.
+
+        A multiply-add is 2 FLOPs: each weight matrix costs 6 FLOPs per weight and position it is applied to, and
+        attention 12 x width per (query, key) pair and block (Kaplan et al. 2020's 6N + 12LTD). Causal masks and
+        padding are not discounted (PaLM's MFU convention). Norms and activations are left out, as in both papers.
+        """
+        linears = [(name, m.weight.numel()) for name, m in self.named_modules() if isinstance(m, nn.Linear)]
+        per_key = sum(n for name, n in linears if name.endswith(".kv"))  # cross-attention keys/values: on the memory
+        per_query = sum(n for _, n in linears) - per_key
+        queries, width, depth = batch * length, self.cfg.width, self.cfg.depth
+        pairs = queries * (length + (memory if self.cfg.cross_attention else 0))
+        return 6.0 * (per_query * queries + per_key * batch * memory) + 12.0 * depth * width * pairs
+
 
 def cache_length(cache: Cache | None) -> int:
     if not cache or "self" not in cache[0] or "k" not in cache[0]["self"]:
@@ -112,8 +127,3 @@ def init_weights(module: nn.Module, depth: int) -> None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, LearnedPositions):
             nn.init.normal_(m.weight, std=0.02)
-
-
-def training_flops_per_token(num_params: int, depth: int, width: int, seq_len: int) -> float:
-    """6N for the matrix multiplies forward + backward, plus 12 L T D for attention scores (Kaplan et al. 2020)."""
-    return 6 * num_params + 12 * depth * seq_len * width

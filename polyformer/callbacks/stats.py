@@ -2,9 +2,10 @@
 learning rate.
 
 Throughput and MFU come from Lightning's `ThroughputMonitor` (samples/s, items/s = tokens/s for token batches,
-FLOP/s, and MFU where the accelerator's peak FLOP/s is known, i.e. on GPUs). FLOPs per batch are the task's
-`flops_per_batch` attribute (Lightning's convention) when it has one; for batches of token ids (B, T) without it,
-`training_flops_per_token` of the backbone (6N + 12LTD, Kaplan et al. 2020) times B*T.
+FLOP/s, and MFU where the accelerator's peak FLOP/s is known, i.e. on GPUs). FLOPs per batch come from the task's
+`training_flops(batch)` (6N + 12LTD per token, Kaplan et al. 2020, for the shapes of each batch: translation batches
+vary in length), set as Lightning's `flops_per_batch` before the monitor reads it; a module without that method may
+set `flops_per_batch` itself.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from torch import Tensor
-
-from polyformer.backbone.transformer import training_flops_per_token
 
 
 def batch_size(batch: Any) -> int:
@@ -65,14 +64,6 @@ class TrainingStats(ThroughputMonitor):
         tokens = token_count(batch)
         if tokens:  # the throughput monitor then also reports tokens/s as items_per_sec
             self.length_fn = token_count
-        cfg = getattr(pl_module, "backbone_cfg", None)
-        if not hasattr(pl_module, "flops_per_batch") and isinstance(batch, Tensor) and batch.ndim == 2 and cfg:
-            # A language-model block (B, T + 1): inputs are the first T tokens.
-            params = sum(p.numel() for p in pl_module.parameters())
-            seq = batch.shape[1] - 1
-            pl_module.flops_per_batch = (
-                training_flops_per_token(params, cfg.depth, cfg.width, seq) * batch.shape[0] * seq
-            )
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -88,11 +79,35 @@ class TrainingStats(ThroughputMonitor):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        set_flops(pl_module, batch, training=True)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self.memory and self._due(trainer):
             stats = memory_stats(trainer.strategy.root_device)
             if stats:
                 pl_module.log_dict(stats, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                *args: Any, **kwargs: Any) -> None:  # fmt: skip
+        set_flops(pl_module, batch, training=False)
+        super().on_validation_batch_end(trainer, pl_module, outputs, batch, *args, **kwargs)
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                          *args: Any, **kwargs: Any) -> None:  # fmt: skip
+        set_flops(pl_module, batch, training=False)
+        super().on_test_batch_end(trainer, pl_module, outputs, batch, *args, **kwargs)
+
+    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                             *args: Any, **kwargs: Any) -> None:  # fmt: skip
+        set_flops(pl_module, batch, training=False)
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, *args, **kwargs)
+
+
+def set_flops(pl_module: pl.LightningModule, batch: Any, training: bool) -> None:
+    """Lightning's monitor reads one `flops_per_batch` attribute after each batch: refresh it from the task for this
+    batch's shapes. Evaluation runs the forward pass only, a third of a training step."""
+    flops = getattr(pl_module, "training_flops", None)
+    if callable(flops) and (value := flops(batch)) is not None:
+        pl_module.flops_per_batch = value if training else value / 3
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:

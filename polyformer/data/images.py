@@ -41,8 +41,13 @@ NATIVE_SIZE = {"digits": 8, "cifar10": 32, "cifar100": 32}  # folder / huggingfa
 class AugmentConfig:
     """Training augmentation. The defaults are DeiT's minus RandAugment and erasing; presets set the rest."""
 
+    # "random_resized": RandomResizedCrop (ImageNet recipes); "padded": pad by crop_padding pixels and take a random
+    # image_size crop, i.e. translations of up to crop_padding pixels (the CIFAR recipe: pad 4, crop 32); at 8 or 32
+    # pixels resizing a crop back up blurs strokes, which a shift does not.
+    crop: Literal["random_resized", "padded"] = "random_resized"
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area fraction; (1.0, 1.0) = resize only
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    crop_padding: int = 4  # pixels, for crop: padded; padding is zeros, i.e. black before normalisation
     hflip: float = 0.5  # probability; 0 for data where mirroring changes the class (digits, text)
     auto_augment: Literal["none", "randaugment", "trivialaugment"] = "none"
     randaugment_ops: int = 2  # DeiT: rand-m9-mstd0.5, i.e. 2 ops at magnitude 9
@@ -55,6 +60,8 @@ class AugmentConfig:
             raise ValueError(f"augment.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
         if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
             raise ValueError(f"augment.crop_ratio must satisfy 0 < low <= high, got {self.crop_ratio}")
+        if self.crop_padding < 0:
+            raise ValueError(f"augment.crop_padding is a number of pixels >= 0, got {self.crop_padding}")
         for name in ("hflip", "random_erasing"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"augment.{name} is a probability in [0, 1], got {getattr(self, name)}")
@@ -99,9 +106,13 @@ def to_channels(image: Image.Image | Tensor, channels: int) -> Tensor:
 def train_transform(
     image_size: int, channels: int, mean: Sequence[float], std: Sequence[float], augment: AugmentConfig
 ) -> Callable[[Any], Tensor]:
-    steps: list[Any] = [
-        v2.RandomResizedCrop(image_size, scale=augment.crop_scale, ratio=augment.crop_ratio, antialias=True)
-    ]
+    steps: list[Any]
+    if augment.crop == "padded":
+        # Resize first so any source size works; for the built-in sets (already image_size) it is a no-op.
+        steps = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+        steps.append(v2.RandomCrop(image_size, padding=augment.crop_padding, fill=0))
+    else:
+        steps = [v2.RandomResizedCrop(image_size, scale=augment.crop_scale, ratio=augment.crop_ratio, antialias=True)]
     if augment.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(augment.hflip))
     if augment.auto_augment == "randaugment":

@@ -159,6 +159,11 @@ class TaskModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def training_flops(self, batch: Any) -> float | None:
+        """Model FLOPs of one training step on this batch (forward + backward, this device), for the throughput and
+        MFU logs. Tasks compute it from their backbones' `training_flops`; None when a task cannot say."""
+        return None
+
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         hp = to_primitive(dict(self.hparams))

@@ -189,6 +189,12 @@ class CLIP(TaskModule):
         return F.normalize(emb.view(len(class_names), len(prompts), -1).mean(dim=1), dim=-1)
 
     # ---- training ---------------------------------------------------------------------------------------------
+    def training_flops(self, batch: dict[str, Tensor]) -> float:
+        images, tokens = batch["image"], batch["text"]
+        projections = self.image_proj.weight.numel() * images.shape[0] + self.text_proj.weight.numel() * tokens.shape[0]
+        # The (B, B x world) similarity matrix is left out: it is tiny beside the towers.
+        return self.image.training_flops(images) + self.text.encoder.training_flops(*tokens.shape) + 6.0 * projections
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         image, text, scale = self(batch["image"], batch["text"])
         loss = contrastive_loss(image, text, scale)

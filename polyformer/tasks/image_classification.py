@@ -129,6 +129,10 @@ class ImageClassifier(TaskModule):
     def forward(self, images: Tensor) -> Tensor:  # (B, C, H, W) -> (B, K) logits
         return self.head(self.tower(images))
 
+    def training_flops(self, batch: tuple[Tensor, Tensor] | Tensor) -> float:
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch  # predict batches may be images alone
+        return self.tower.training_flops(images) + 6.0 * self.head.weight.numel() * images.shape[0]
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, targets = batch
         if self.mixup is not None:

@@ -154,6 +154,10 @@ class LanguageModel(TaskModule):
         return nats.view_as(targets), self.token_bytes[targets]
 
     # ---- steps ------------------------------------------------------------------------------------------------
+    def training_flops(self, batch: Tensor) -> float:
+        B, T = batch.shape[0], batch.shape[1] - 1  # blocks of T + 1 tokens: the inputs are the first T
+        return self.backbone.training_flops(B, T) + 6.0 * self.head.weight.numel() * B * T
+
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         nats, num_bytes = self.token_losses(batch)
         loss = nats.mean()

@@ -73,6 +73,14 @@ class ImageTower(nn.Module):
         x = self.tokens(images)
         return self.norm_post(x[:, 0] if self.pool == "cls" else x.mean(dim=1))
 
+    def training_flops(self, images: Tensor) -> float:
+        """Training FLOPs of this tower on a batch shaped like `images` (see `Transformer.training_flops`). The patch
+        projection is a matrix multiply per patch at 4, not 6, FLOPs per weight: pixels need no gradient."""
+        B, (H, W), p = images.shape[0], images.shape[-2:], self.patch.patch_size
+        patches = (H // p) * (W // p)
+        projection = 4.0 * self.patch.proj.weight.numel() * B * patches
+        return projection + self.encoder.training_flops(B, patches + self.prefix)
+
     def tokens(self, images: Tensor) -> Tensor:
         """Every output token (B, [1 +] N, D), for attention maps and dense uses."""
         x = self.patch(images)

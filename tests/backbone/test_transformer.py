@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from polyformer.backbone import TokenEmbedding, Transformer, TransformerConfig, training_flops_per_token
+from polyformer.backbone import TokenEmbedding, Transformer, TransformerConfig
 from polyformer.backbone.layers import DropPath
 
 
@@ -177,7 +177,17 @@ def test_parameter_count_and_flops():
     d, L = 32, 2
     per_block = 4 * d * d + 4 * d + 2 * (4 * d * d) + 4 * d + d + 2 * 2 * d  # attention, ffn, norms
     assert model.num_parameters() == L * per_block + 2 * d
-    assert training_flops_per_token(1000, depth=2, width=32, seq_len=10) == 6 * 1000 + 12 * 2 * 10 * 32
+    matrices = L * (4 * d * d + 2 * (4 * d * d))  # the weights of qkv, proj, fc1, fc2: what multiplies activations
+    assert model.training_flops(3, 10) == 3 * 10 * (6 * matrices + 12 * L * 10 * d)  # 6N + 12LTD per token
+
+
+def test_cross_attention_flops_count_memory_positions():
+    model = Transformer(TransformerConfig(width=32, depth=2, heads=4, cross_attention=True, causal=True))
+    d, L, B, T, S = 32, 2, 3, 5, 7
+    queries = L * (4 * d * d + 2 * d * d + 2 * (4 * d * d))  # self qkv + proj, cross q + proj, ffn
+    keys = L * 2 * d * d  # cross-attention k, v: applied to the memory
+    expected = 6 * (queries * B * T + keys * B * S) + 12 * L * d * B * T * (T + S)
+    assert model.training_flops(B, T, memory=S) == expected
 
 
 @pytest.mark.parametrize(

@@ -95,9 +95,34 @@ def test_train_and_eval_transforms_give_the_model_input_shape(auto_augment, chan
     assert torch.equal(y, eval_transform(16, channels, mean, std, crop_pct=0.875)(image))  # eval is deterministic
 
 
+@pytest.mark.parametrize("crop", ["random_resized", "padded"])
+def test_crop_modes_accept_any_source_size(crop):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
+    x = train_transform(16, 3, (0.5,) * 3, (0.5,) * 3, AugmentConfig(crop=crop, hflip=0.0))(image)
+    assert x.shape == (3, 16, 16)
+
+
+def test_padded_crop_shifts_the_image_without_resampling_it():
+    """crop: padded moves the pixels by at most crop_padding and fills with black; nothing is blurred."""
+    torch.manual_seed(0)
+    pixels = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    pixels[0, 2:6, 3] = 255  # a vertical stroke
+    transform = train_transform(8, 1, (0.0,), (1.0,), AugmentConfig(crop="padded", crop_padding=1, hflip=0.0))
+    shifts = set()
+    for _ in range(200):
+        x = transform(pixels)
+        assert set(x.unique().tolist()) <= {0.0, 1.0}  # no interpolated grey
+        assert x.sum() == 4  # the whole stroke stays inside: a shift of one pixel at most
+        rows, cols = (x[0] == 1).nonzero(as_tuple=True)
+        shifts.add((int(rows.min()) - 2, int(cols.min()) - 3))
+    assert shifts == {(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}  # every shift of up to one pixel
+
+
 def test_bad_augment_values_name_the_field():
     with pytest.raises(ValueError, match="crop_scale"):
         AugmentConfig(crop_scale=(0.5, 1.5))
+    with pytest.raises(ValueError, match="crop_padding"):
+        AugmentConfig(crop="padded", crop_padding=-1)
     with pytest.raises(ValueError, match="hflip"):
         AugmentConfig(hflip=2.0)
 

@@ -45,7 +45,7 @@ def straight(request, tmp_path_factory, cache):
                     *common(task),
                     f"--trainer.max_steps={N}",
                     f"--trainer.default_root_dir={root}",
-                    "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                    "--trainer.callbacks+=polyformer.callbacks.checkpoint.ResumableCheckpoint",
                     f"--trainer.callbacks.dirpath={root / 'every'}",
                     f"--trainer.callbacks.every_n_train_steps={N // 2}",
                     "--trainer.callbacks.save_top_k=-1",

@@ -20,7 +20,7 @@ EVERY = 5  # checkpoint interval (optimizer steps)
 def checkpointing(every: int) -> list[dict]:
     return [
         {
-            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "class_path": "polyformer.callbacks.checkpoint.ResumableCheckpoint",
             "init_args": {"dirpath": "ckpts", "every_n_train_steps": every, "save_last": True},
         }
     ]

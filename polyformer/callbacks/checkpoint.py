@@ -1,0 +1,39 @@
+"""`ResumableCheckpoint`: Lightning's `ModelCheckpoint` whose `last.ckpt` is the latest state again (a name of its
+own, so `--trainer.callbacks+=ModelCheckpoint` stays unambiguous).
+
+Since Lightning 2.6, `save_last=True` writes `last.ckpt` only at steps where a top-k checkpoint is written too. With a
+monitored metric that stops improving (accuracy at 100%, a loss that plateaus) `last.ckpt` stays at the best step,
+so `fit --ckpt_path last.ckpt` silently resumes from the past and "last" weights are really the best ones. This
+subclass writes `last.ckpt` at every point Lightning considers saving (after validation, at epoch end or every N
+steps, as configured), once per step, and always as a real file (a `save_last: link` to an older best would be stale).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor
+
+
+class ResumableCheckpoint(ModelCheckpoint):
+    """Lightning's `ModelCheckpoint` (same arguments) with `save_last` meaning "the state at the latest save point"."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._last_written_step = -1
+
+    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Tensor]) -> None:
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            # No top-k file at this step, so Lightning would skip last.ckpt. `_last_checkpoint_saved` names the older
+            # best file, which `save_last: link` would point at; clearing it makes this a real save.
+            self._last_checkpoint_saved = ""
+            self._save_last_checkpoint(trainer, monitor_candidates)
+
+    def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Tensor]) -> None:
+        if self._last_written_step == trainer.global_step and self.last_model_path:
+            return  # written a moment ago by the override above; Lightning asks again after its top-k save
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_written_step = trainer.global_step
