@@ -5,7 +5,8 @@ Since Lightning 2.6, `save_last=True` writes `last.ckpt` only at steps where a t
 monitored metric that stops improving (accuracy at 100%, a loss that plateaus) `last.ckpt` stays at the best step,
 so `fit --ckpt_path last.ckpt` silently resumes from the past and "last" weights are really the best ones. This
 subclass writes `last.ckpt` at every point Lightning considers saving (after validation, at epoch end or every N
-steps, as configured), once per step, and always as a real file (a `save_last: link` to an older best would be stale).
+steps, as configured) and when training ends, once per step, and always as a real file (a `save_last: link` to an
+older best would be stale).
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ class ResumableCheckpoint(ModelCheckpoint):
             # best file, which `save_last: link` would point at; clearing it makes this a real save.
             self._last_checkpoint_saved = ""
             self._save_last_checkpoint(trainer, monitor_candidates)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        # Training may stop between save points (max_epochs not a multiple of check_val_every_n_epoch, max_steps or
+        # a requeue mid-epoch); the final weights are the ones people test, serve and resume from.
+        if self.save_last and not trainer.fast_dev_run and self._last_written_step != trainer.global_step:
+            self._last_checkpoint_saved = ""
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Tensor]) -> None:
         if self._last_written_step == trainer.global_step and self.last_model_path:

@@ -47,18 +47,19 @@ def loader() -> DataLoader:
 def test_last_checkpoint_is_the_latest_state(tmp_path, save_last):
     ckpt = ResumableCheckpoint(dirpath=tmp_path, monitor="val/score", mode="max", save_last=save_last)
     counter = SaveCounter()
-    trainer = L.Trainer(max_epochs=4, callbacks=[ckpt, counter], logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
+    # Validation after epochs 1 and 3 (steps 8 and 16); training ends after epoch 4 (step 20), between save points.
+    trainer = L.Trainer(max_epochs=5, check_val_every_n_epoch=2, callbacks=[ckpt, counter], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
     model = Regressor()
     trainer.fit(model, loader(), loader())
 
-    assert trainer.global_step == 16
-    assert ckpt.best_model_path.endswith("epoch=0-step=4.ckpt")  # the score only got worse after epoch 0
+    assert trainer.global_step == 20
+    assert ckpt.best_model_path.endswith("epoch=1-step=8.ckpt")  # the score only got worse after the first validation
     assert (tmp_path / "last.ckpt").is_file() and not (tmp_path / "last.ckpt").is_symlink()
     last = torch.load(tmp_path / "last.ckpt", weights_only=True)
-    assert last["global_step"] == 16
+    assert last["global_step"] == 20  # the final weights, not the best step's nor the last validation's
     torch.testing.assert_close(last["state_dict"]["layer.weight"], model.layer.weight.detach(), rtol=0, atol=0)
     best = torch.load(ckpt.best_model_path, weights_only=True)
-    assert best["global_step"] == 4
+    assert best["global_step"] == 8
     # One write per save point, plus the top-k file the first time (which `link` links to): nothing written twice.
-    assert counter.saved_at == ([4, 4, 8, 12, 16] if save_last is True else [4, 8, 12, 16])
+    assert counter.saved_at == ([8, 8, 16, 20] if save_last is True else [8, 16, 20])
