@@ -28,18 +28,20 @@ class ResumableCheckpoint(ModelCheckpoint):
     def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Tensor]) -> None:
         super()._save_topk_checkpoint(trainer, monitor_candidates)
         if self.save_last and self._last_global_step_saved != trainer.global_step:
-            # No top-k file at this step, so Lightning would skip last.ckpt. `_last_checkpoint_saved` names the older
-            # best file, which `save_last: link` would point at; clearing it makes this a real save.
-            self._last_checkpoint_saved = ""
-            self._save_last_checkpoint(trainer, monitor_candidates)
+            self._write_last(trainer, monitor_candidates)  # no top-k file at this step: Lightning would skip it
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         # Training may stop between save points (max_epochs not a multiple of check_val_every_n_epoch, max_steps or
         # a requeue mid-epoch); the final weights are the ones people test, serve and resume from.
         if self.save_last and not trainer.fast_dev_run and self._last_written_step != trainer.global_step:
-            self._last_checkpoint_saved = ""
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._write_last(trainer, self._monitor_candidates(trainer))
+
+    def _write_last(self, trainer: pl.Trainer, monitor_candidates: dict[str, Tensor]) -> None:
+        # `_last_checkpoint_saved` names an older best file, which `save_last: link` would point last.ckpt at;
+        # clearing it makes this a real save of the current state.
+        self._last_checkpoint_saved = ""
+        self._save_last_checkpoint(trainer, monitor_candidates)
 
     def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Tensor]) -> None:
         if self._last_written_step == trainer.global_step and self.last_model_path:

@@ -63,9 +63,8 @@ def straight(request, tmp_path_factory, cache):
 def straight_weights(reference) -> dict[str, torch.Tensor]:
     """The uninterrupted run's weights after exactly N steps, from its every-N/2-steps checkpoint.
 
-    Not its last.ckpt: with `save_last=True`, Lightning (2.6 here) writes last.ckpt only when a top-k checkpoint is
-    written in the same step, or at the end of a fit that wrote none, so a preset monitoring a metric that does not
-    improve at step N (the ViT's val/top1) leaves the step-N/2 weights there."""
+    Read from the file named for step N, not from last.ckpt, so the reference does not depend on how each preset keeps
+    last.ckpt (with Lightning's own `ModelCheckpoint` a monitored metric that stops improving leaves it stale)."""
     state = torch.load(reference / "every" / f"step={N}.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == N, f"the reference checkpoint is at step {state['global_step']}, not {N}"
     return state["state_dict"]
