@@ -5,7 +5,7 @@ from .config import TransformerConfig
 from .embeddings import PatchEmbedding, TokenEmbedding
 from .layers import Block, FeedForward
 from .positional import sinusoidal
-from .transformer import Cache, Transformer, cache_length, init_weights, reorder_cache
+from .transformer import Cache, Transformer, cache_length, init_weights, reorder_cache, weight_count
 
 __all__ = [
     "Attention",
@@ -21,4 +21,5 @@ __all__ = [
     "init_weights",
     "reorder_cache",
     "sinusoidal",
+    "weight_count",
 ]

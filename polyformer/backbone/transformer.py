@@ -93,12 +93,19 @@ class Transformer(nn.Module):
         attention 12 x width per (query, key) pair and block (Kaplan et al. 2020's 6N + 12LTD). Causal masks and
         padding are not discounted (PaLM's MFU convention). Norms and activations are left out, as in both papers.
         """
-        linears = [(name, m.weight.numel()) for name, m in self.named_modules() if isinstance(m, nn.Linear)]
+        linears = [(name, weight_count(m)) for name, m in self.named_modules() if isinstance(m, nn.Linear)]
         per_key = sum(n for name, n in linears if name.endswith(".kv"))  # cross-attention keys/values: on the memory
         per_query = sum(n for _, n in linears) - per_key
         queries, width, depth = batch * length, self.cfg.width, self.cfg.depth
         pairs = queries * (length + (memory if self.cfg.cross_attention else 0))
         return 6.0 * (per_query * queries + per_key * batch * memory) + 12.0 * depth * width * pairs
+
+
+def weight_count(layer: nn.Linear | nn.Conv2d) -> int:
+    """A matrix layer's weights from its declared shape: under FSDP `weight.numel()` is only this rank's shard."""
+    if isinstance(layer, nn.Conv2d):
+        return layer.in_channels // layer.groups * layer.out_channels * math.prod(layer.kernel_size)
+    return layer.in_features * layer.out_features
 
 
 def cache_length(cache: Cache | None) -> int:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polyformer.backbone import TokenEmbedding, Transformer, TransformerConfig
+from polyformer.backbone import TokenEmbedding, Transformer, TransformerConfig, weight_count
 from polyformer.data.image_text import tokenize
 from polyformer.data.tokenizers import Tokenizer
 from polyformer.tasks.base import OptimizerConfig, TaskModule
@@ -191,7 +191,7 @@ class CLIP(TaskModule):
     # ---- training ---------------------------------------------------------------------------------------------
     def training_flops(self, batch: dict[str, Tensor]) -> float:
         images, tokens = batch["image"], batch["text"]
-        projections = self.image_proj.weight.numel() * images.shape[0] + self.text_proj.weight.numel() * tokens.shape[0]
+        projections = weight_count(self.image_proj) * images.shape[0] + weight_count(self.text_proj) * tokens.shape[0]
         # The (B, B x world) similarity matrix is left out: it is tiny beside the towers.
         return self.image.training_flops(images) + self.text.encoder.training_flops(*tokens.shape) + 6.0 * projections
 

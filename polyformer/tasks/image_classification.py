@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from polyformer.backbone import TransformerConfig
+from polyformer.backbone import TransformerConfig, weight_count
 from polyformer.tasks.base import OptimizerConfig, TaskModule
 from polyformer.tasks.vision import ImageTower, resize_pos_embed
 
@@ -131,7 +131,7 @@ class ImageClassifier(TaskModule):
 
     def training_flops(self, batch: tuple[Tensor, Tensor] | Tensor) -> float:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch  # predict batches may be images alone
-        return self.tower.training_flops(images) + 6.0 * self.head.weight.numel() * images.shape[0]
+        return self.tower.training_flops(images) + 6.0 * weight_count(self.head) * images.shape[0]
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, targets = batch

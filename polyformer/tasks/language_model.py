@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from polyformer.backbone import Cache, TokenEmbedding, Transformer, TransformerConfig
+from polyformer.backbone import Cache, TokenEmbedding, Transformer, TransformerConfig, weight_count
 from polyformer.data.tokenizers import Tokenizer
 from polyformer.decoding import Decoder, sample
 from polyformer.tasks.base import OptimizerConfig, TaskModule
@@ -156,7 +156,7 @@ class LanguageModel(TaskModule):
     # ---- steps ------------------------------------------------------------------------------------------------
     def training_flops(self, batch: Tensor) -> float:
         B, T = batch.shape[0], batch.shape[1] - 1  # blocks of T + 1 tokens: the inputs are the first T
-        return self.backbone.training_flops(B, T) + 6.0 * self.head.weight.numel() * B * T
+        return self.backbone.training_flops(B, T) + 6.0 * weight_count(self.head) * B * T
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         nats, num_bytes = self.token_losses(batch)

@@ -154,7 +154,7 @@ class Translation(TaskModule):
     # ---- training and evaluation ------------------------------------------------------------------------------
     def training_flops(self, batch: dict[str, Any]) -> float:
         (B, S), T = batch["source"].shape, batch["target_in"].shape[1]
-        head = 6.0 * self.target_embed.weight.numel() * B * T  # the tied output projection
+        head = 6.0 * self.vocab_size * self.backbone_cfg.width * B * T  # the tied output projection
         return self.encoder.training_flops(B, S) + self.decoder.training_flops(B, T, memory=S) + head
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polyformer.backbone import PatchEmbedding, Transformer, TransformerConfig, sinusoidal
+from polyformer.backbone import PatchEmbedding, Transformer, TransformerConfig, sinusoidal, weight_count
 
 
 def sincos_2d(grid: int, dim: int) -> Tensor:
@@ -78,7 +78,7 @@ class ImageTower(nn.Module):
         projection is a matrix multiply per patch at 4, not 6, FLOPs per weight: pixels need no gradient."""
         B, (H, W), p = images.shape[0], images.shape[-2:], self.patch.patch_size
         patches = (H // p) * (W // p)
-        projection = 4.0 * self.patch.proj.weight.numel() * B * patches
+        projection = 4.0 * weight_count(self.patch.proj) * B * patches
         return projection + self.encoder.training_flops(B, patches + self.prefix)
 
     def tokens(self, images: Tensor) -> Tensor:
