@@ -18,6 +18,7 @@ import re
 import sys
 import textwrap
 import typing
+from pathlib import Path
 from typing import Any
 
 VERBS = {
@@ -82,8 +83,15 @@ def make_cli_class() -> type:
             try:
                 super().parse_arguments(parser, args)
             except ArgumentError as e:
-                sub = next((a for a in (args if args is not None else sys.argv[1:]) if a in self.subcommands()), None)
-                raise ConfigError(explain_config_error(e, self._subcommand_parsers.get(sub, parser))) from e
+                argv = list(args if args is not None else sys.argv[1:])
+                sub = next((a for a in argv if a in self.subcommands()), None)
+                raise ConfigError(explain_config_error(e, self._subcommand_parsers.get(sub, parser), argv)) from e
+
+        def before_instantiate_classes(self) -> None:
+            # Checked here, before the model and data are built: Lightning only finds out when a logger first writes.
+            root = self._get(self.config, "trainer", default={}).get("default_root_dir")
+            if root is not None:
+                check_directory("trainer.default_root_dir", root)
 
         def instantiate_classes(self) -> None:
             try:
@@ -226,8 +234,9 @@ def _union_items(text: str) -> list[str]:
     return [textwrap.dedent(item).strip() for item in re.split(r"^- ", block, flags=re.M) if item.strip()]
 
 
-def explain_config_error(error: BaseException, parser: Any) -> str:
-    """One line naming the key, the value given and what is accepted, from jsonargparse's error chain."""
+def explain_config_error(error: BaseException, parser: Any, argv: list[str] | None = None) -> str:
+    """One line naming the key, the value given and what is accepted, from jsonargparse's error chain. argv: the
+    command line, to name the --config file a YAML error is in (jsonargparse's message does not)."""
     keys: list[str] = []  # "model", then "backbone.depth" inside the model's class
     class_path, unknown, value, literals = None, None, None, []
     texts = _error_texts(error)
@@ -271,10 +280,69 @@ def explain_config_error(error: BaseException, parser: Any) -> str:
     if text.startswith('expected "subcommand"'):
         text = f"no command given: use one of fit, validate, test, predict, or a task verb: {', '.join(VERBS)}"
     if any(str(e).startswith("Problems parsing config") for e in _chain(error)):
-        text = "a --config file is not valid YAML: " + text.replace('"<unicode string>", ', "")
+        fallback = "a --config file is not valid YAML: " + text.replace('"<unicode string>", ', "")
+        text = _invalid_yaml(error, argv or []) or fallback
         if "could not determine a constructor" in text:
             text += " (configs are plain YAML: tags that build Python objects are refused)"
     return f"{prefix}: {text}" if prefix else text
+
+
+def _invalid_yaml(error: BaseException, argv: list[str]) -> str | None:
+    """The YAML mistake as `<file>: not valid YAML at line L, column C: <problem> (<context> at ...)`, or None where
+    the file is not known (a config given inline as a string, or one from an environment variable)."""
+    import yaml
+
+    mistake = next((e for e in _chain(error) if isinstance(e, yaml.MarkedYAMLError)), None)
+    if mistake is None:
+        return None
+    # jsonargparse reads each file and parses its text, so the error only says "<unicode string>". The files are
+    # loaded in command-line order and the first broken one stops the parse: that is the first that fails here.
+    # Syntax and tag errors do not depend on the loader, so safe_load finds the same one.
+    path = None
+    for candidate in _config_paths(argv):
+        try:
+            yaml.safe_load(Path(candidate).read_text(encoding="utf-8"))
+        except yaml.YAMLError:
+            path = candidate
+            break
+        except (OSError, UnicodeDecodeError):
+            continue
+    if path is None:
+        return None
+
+    def at(mark: Any) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"  # marks count from 0; editors and PyYAML from 1
+
+    where = f" at {at(mistake.problem_mark)}" if mistake.problem_mark else ""
+    text = f"{path}: not valid YAML{where}: {mistake.problem or first_line(mistake)}"
+    if mistake.context:
+        text += f" ({mistake.context}{f' at {at(mistake.context_mark)}' if mistake.context_mark else ''})"
+    return text
+
+
+def _config_paths(argv: list[str]) -> list[str]:
+    """The existing files given as `--config PATH` or `--config=PATH`, in order."""
+    paths = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            paths.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            paths.append(arg.partition("=")[2])
+    return [p for p in paths if os.path.isfile(p)]
+
+
+def check_directory(key: str, path: str | os.PathLike) -> None:
+    """A ConfigError unless `path` is a directory or can be made one. Lightning creates it (and missing parents) only
+    when a logger or checkpoint first writes, and a file in the way then ends in a long traceback mid-setup."""
+    text = os.fspath(path)
+    if "://" in text:  # a remote location (s3://, gs://, ...): fsspec's business, not checkable here
+        return
+    existing = next((p for p in (Path(text), *Path(text).absolute().parents) if p.exists()), None)
+    if existing is None or existing.is_dir():
+        return
+    if existing == Path(text):
+        raise ConfigError(f"{key}: {text} is a file; it must be a directory (it is created if missing)")
+    raise ConfigError(f"{key}: {text} must be a directory, but {existing} is a file")
 
 
 def _expected(typ: str, got: str, literals: list[str]) -> str:

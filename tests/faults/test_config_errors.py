@@ -137,3 +137,30 @@ def test_debug_flag_gives_the_traceback(tiny_lm_config, monkeypatch):
     with pytest.raises(ValueError, match="divisible by heads"):
         main()
     assert "--debug" not in sys.argv and os.environ["POLYFORMER_DEBUG"] == "1"
+
+
+def test_yaml_syntax_error_names_the_file_and_where(polyformer, tiny_lm_config, tmp_path):
+    """Of several --config files, the one that is not valid YAML is named (not the first or the last one given),
+    with the line and column of the mistake: here an unclosed `[` that the next key runs into."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("trainer:\n  max_steps: [2\n  logger: false\n")
+    steps = tmp_path / "steps.yaml"
+    steps.write_text("trainer:\n  max_steps: 2\n")
+    result = polyformer("fit", "--config", str(tiny_lm_config()), "--config", str(broken), "--config", str(steps))
+    line = assert_one_line_error(result, f"{broken}:", "not valid YAML", "line 3, column")
+    assert "tiny.yaml" not in line and str(steps) not in line and "<unicode string>" not in line
+    assert not (tmp_path / "ckpts").exists()
+
+
+@pytest.mark.parametrize("where", ["the path", "a parent"])
+def test_default_root_dir_that_is_a_file(where, polyformer, tiny_lm_config, tmp_path):
+    """A file where the run directory should be: one line, before anything is created or trained (with a logger on,
+    Lightning would otherwise fail in the logger's makedirs with a long traceback)."""
+    a_file = tmp_path / "runs"
+    a_file.write_text("not a directory\n")
+    root = a_file if where == "the path" else a_file / "lm"
+    result = polyformer(
+        "fit", "--config", str(tiny_lm_config(**{"trainer.logger": True})), f"--trainer.default_root_dir={root}"
+    )
+    assert_one_line_error(result, "trainer.default_root_dir", str(root), "must be a directory", f"{a_file} is a file")
+    assert not (tmp_path / "ckpts").exists() and a_file.read_text() == "not a directory\n"
