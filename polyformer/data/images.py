@@ -22,6 +22,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -240,7 +241,8 @@ class ImageDataModule(L.LightningDataModule):
     `mean` and `std`, which the task reads (`data_links`), and `denormalize` for callbacks that show images.
 
     Splits: a source's own train/val/test splits where it has them; a missing val split is `val_fraction` of train
-    (seeded, stratified), or the test split when val_fraction is 0; a missing test split is the val split.
+    (seeded, stratified), or the test split when val_fraction is 0 (with a warning: model selection on val is then
+    selection on the test set); a missing test split is the val split.
     """
 
     def __init__(
@@ -309,6 +311,8 @@ class ImageDataModule(L.LightningDataModule):
             train, raw["val"] = Subset(train, keep), (Subset(train, held), None)
         if "val" not in raw and "test" not in raw:
             raise ValueError(f"{self._describe()} has only a train split: set --data.val_fraction > 0 to hold some out")
+        if "val" not in raw:
+            self._warn_validation_is_test()
         val = raw.get("val", raw.get("test"))[0]  # type: ignore[index]
         test = raw.get("test", (val, None))[0]
         for name, data in [("train", train), ("val", val), ("test", test)]:
@@ -322,6 +326,24 @@ class ImageDataModule(L.LightningDataModule):
             "val": Transformed(val, eval_tf),
             "test": Transformed(test, eval_tf),
         }
+
+    def _warn_validation_is_test(self) -> None:
+        """Say so when validation falls back to the test split: every choice made on val metrics (best checkpoint,
+        early stopping, a learning-rate sweep) is then made on the test set, and its test accuracy is optimistic.
+        A warning, not an error: validating on the test split is a legitimate way to watch a run whose recipe was
+        fixed beforehand. Once per data module: setup() builds the splits once."""
+        callbacks = self.trainer.callbacks if self.trainer is not None else []
+        monitors = sorted({str(c.monitor) for c in callbacks if str(getattr(c, "monitor", None)).startswith("val")})
+        selected = (
+            f"; callbacks monitoring {', '.join(monitors)} therefore select on the test set"
+            if monitors
+            else "; a checkpoint or early stopping on a val/ metric would select on the test set"
+        )
+        rank_zero_warn(
+            f"{self._describe()}: the validation split is the test split (val_fraction=0 and no val split of its "
+            f"own){selected}. Set --data.val_fraction (e.g. 0.1) to hold out validation images from train.",
+            category=UserWarning,
+        )
 
     def _describe(self) -> str:
         return self.dataset + (f" at {self.root}" if self.root else "")

@@ -4,7 +4,8 @@ templates, open_clip's `build_zero_shot_classifier` recipe) and by image<->text 
 
 Image tower: the ViT of the image task (`ImageTower`), class-token pooled. Text tower: the backbone with a causal
 mask, learned positions and the final norm, pooled at the end-of-text token. The logit scale starts at 1/0.07 and
-is clamped at 100 (the paper, section 2.5). Loss and cross-rank evaluation: `contrastive_loss.py`.
+is clamped at 100 (the paper, section 2.5), in place after each optimizer step as open_clip does. Loss and
+cross-rank evaluation: `contrastive_loss.py`.
 
 Legend: B batch, T context, D tower width, E embedding dim, C classes, P prompts, N evaluation set.
 """
@@ -12,12 +13,15 @@ Legend: B batch, T context, D tower width, E embedding dim, C classes, P prompts
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 from polyformer.backbone import TokenEmbedding, Transformer, TransformerConfig, weight_count
 from polyformer.data.image_text import tokenize
@@ -162,7 +166,14 @@ class CLIP(TaskModule):
         return F.normalize(self.text_proj(self.text(tokens)), dim=-1)
 
     def scale(self) -> Tensor:
-        return self.logit_scale.clamp(max=math.log(self.max_logit_scale)).exp()
+        """exp(logit_scale), never above max_logit_scale. The cap acts on the value only and the gradient passes
+        straight through: with a plain clamp here the gradient above the cap is exactly 0 and a parameter that got
+        there could never come back down. Training keeps the parameter itself under the cap by clamping it in place
+        after every optimizer step (`optimizer_step`, as open_clip does), so there this is simply exp; the value cap
+        still protects evaluation and `score` from checkpoints whose parameter is beyond it."""
+        log_scale = self.logit_scale
+        capped = log_scale.clamp(max=math.log(self.max_logit_scale))
+        return (log_scale + (capped - log_scale).detach()).exp()
 
     def forward(self, images: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.encode_image(images), self.encode_text(tokens), self.scale()
@@ -201,6 +212,20 @@ class CLIP(TaskModule):
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # mean over ranks = the global-batch loss
         self.log("train/logit_scale", scale.detach())
         return loss
+
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: Optimizer | LightningOptimizer,
+        optimizer_closure: Callable[[], Any] | None = None,
+    ) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Right after the step, not in a later hook: callbacks' on_train_batch_end (checkpoints every n steps) run
+        # before the module's, and on_before_zero_grad runs inside the next step's closure, after its forward pass,
+        # and never after the last step. With gradient accumulation this runs once per real step.
+        with torch.no_grad():
+            self.logit_scale.clamp_(max=math.log(self.max_logit_scale))
 
     # ---- evaluation -------------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:

@@ -139,9 +139,11 @@ class ImageClassifier(TaskModule):
             if len(images) % 2:
                 raise ValueError(f"Mixup/CutMix pairs samples: the batch size must be even, got {len(images)}")
             images, soft = self.mixup(images, targets)  # soft: (B, K), label smoothing included
-            loss = torch.sum(-soft * F.log_softmax(self(images), dim=-1), dim=-1).mean()
+            # fp32 logits: CPU autocast leaves log_softmax in bf16 (CUDA autocast promotes it), an error of ~1e-3 in
+            # the loss; F.cross_entropy below already runs in fp32 under both autocasts, the cast makes that explicit.
+            loss = torch.sum(-soft.float() * F.log_softmax(self(images).float(), dim=-1), dim=-1).mean()
         else:
-            loss = F.cross_entropy(self(images), targets, label_smoothing=self.label_smoothing)
+            loss = F.cross_entropy(self(images).float(), targets, label_smoothing=self.label_smoothing)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
