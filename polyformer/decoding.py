@@ -40,6 +40,21 @@ class Decoder:
         return logits[:, -1].float()
 
 
+def check_sampling(
+    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, prefix: str = ""
+) -> None:
+    """ValueError naming the first bad setting (`prefix` + field, value, accepted range). Written as `not (ok)` so
+    that NaN fails too; top_p 0 would mask every token (NaN probabilities), top_k 0 would select none."""
+    if not max_new_tokens >= 0:
+        raise ValueError(f"{prefix}max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not temperature >= 0:
+        raise ValueError(f"{prefix}temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and not top_k >= 1:
+        raise ValueError(f"{prefix}top_k must be None (no top-k filter) or >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"{prefix}top_p must be None (no nucleus filter) or in (0, 1], got {top_p}")
+
+
 def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
@@ -68,8 +83,7 @@ def sample(
     """Continue each prompt; prompts of different lengths are left-padded. Returns the new tokens, without eos."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (start with the tokenizer's begin/end-of-text token)")
-    if temperature < 0 or max_new_tokens < 0:
-        raise ValueError(f"temperature and max_new_tokens must be >= 0, got {temperature}, {max_new_tokens}")
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     width = max(map(len, prompts))
     tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros_like(tokens, dtype=torch.bool)

@@ -5,7 +5,9 @@ The nanoGPT recipe (Karpathy, `data/openwebtext/prepare.py`): every document is 
 reads (block + 1)-token windows from it. Documents go to validation by a hash of their text, so the split is
 deterministic, needs no shuffling of the corpus, works while streaming, and identical documents can never land on
 both sides. Sources: the built-in corpus (the English prose inside CPython, `pydoc_data.topics`), local
-`.txt`/`.jsonl`/`.parquet` files or globs, and Hugging Face hub datasets (optionally streamed).
+`.txt`/`.jsonl`/`.parquet` files or globs, and Hugging Face hub datasets (optionally streamed). Validation data can
+instead be given explicitly: a hub dataset's own split (`val_split`) or local files (`val_source`); then every
+training document trains.
 """
 
 from __future__ import annotations
@@ -134,7 +136,8 @@ class TextDataModule(L.LightningDataModule):
         text_field: str = "text",  # column holding the text (.jsonl, parquet, hub)
         train_split: str = "train",
         val_split: str | None = None,  # the hub dataset's own validation split; None = hold out val_fraction
-        val_fraction: float = 0.05,  # share of documents held out (by a hash of their text) when val_split is None
+        val_fraction: float = 0.05,  # share of documents held out (by a hash of their text) without val_split/source
+        val_source: str | list[str] | None = None,  # local validation files/globs; None = val_split or val_fraction
         streaming: bool = False,  # corpora bigger than the disk: train from the stream, no token cache
         stream_val_documents: int = 2000,  # streaming: how many held-out documents the validation set reads
         tokenizer: str = "bpe",  # "byte", "bpe" (trained on the training split), or a tokenizer.json / hub name
@@ -155,9 +158,31 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"data.block_size and data.batch_size must be >= 1, got {block_size}, {batch_size}")
         if streaming and source == "builtin":
             raise ValueError("data.streaming is for corpora bigger than the disk, not the built-in one: set it false")
+        # Local files and the built-in corpus have no named splits, so a val_split there used to be ignored and the
+        # validation set was the training set. Refuse it, and take validation files as data.val_source instead (as
+        # run_clm's --validation_file or fairseq's valid subset do): a fixed, separately curated validation set is
+        # what results are compared on, which a hash hold-out of the training files cannot be.
+        if val_split is not None and val_source is not None:
+            raise ValueError(
+                f"data.val_split ({val_split!r}) and data.val_source ({val_source!r}) both name the validation data; "
+                "set only one: val_split for a hub dataset's own split, val_source for local validation files"
+            )
+        if val_split is not None and self._kind(source) != "hub":
+            where = "the built-in corpus" if source == "builtin" else f"local files ({source!r})"
+            raise ValueError(
+                f"data.val_split={val_split!r} names a hub dataset's split, but data.source is {where}, which has no "
+                "splits: validation would be the training data. Give validation files as data.val_source, or drop "
+                "data.val_split to hold out data.val_fraction of the documents"
+            )
+        if val_source is not None and not self._is_local(val_source):
+            raise ValueError(
+                f"data.val_source must be local files or globs ({', '.join(sorted(_LOCAL_BUILDERS))}), got "
+                f"{val_source!r}; for a hub dataset's own validation split set data.val_split instead"
+            )
         self.save_hyperparameters()
         self.source, self.hub_config, self.text_field = source, hub_config, text_field
         self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
+        self.val_source = val_source
         self.streaming, self.stream_val_documents = streaming, stream_val_documents
         self.tokenizer_spec, self.bpe_vocab_size = tokenizer, bpe_vocab_size
         self.bpe_training_chars = bpe_training_chars
@@ -185,22 +210,55 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"data.source: several hub names are not supported, got {sources}")
         return "hub"
 
-    def _local_files(self) -> list[str]:
-        sources = [self.source] if isinstance(self.source, str) else list(self.source)
+    @classmethod
+    def _is_local(cls, source: str | list[str]) -> bool:
+        try:
+            return cls._kind(source) == "local"
+        except ValueError:  # several hub names
+            return False
+
+    @property
+    def _explicit_val(self) -> bool:
+        """Validation comes from its own documents (val_split / val_source), not a hash hold-out of training."""
+        return self.val_split is not None or self.val_source is not None
+
+    def _local_files(self, source: str | list[str] | None = None, key: str = "data.source") -> list[str]:
+        source = self.source if source is None else source
+        sources = [source] if isinstance(source, str) else list(source)
         files: list[str] = []
         for pattern in sources:
             path = Path(pattern).expanduser()
             found = sorted(str(p) for p in path.glob("*") if p.suffix in _LOCAL_BUILDERS) if path.is_dir() else []
             found = found or sorted(glob.glob(str(path), recursive=True))
             if not found:
-                raise FileNotFoundError(f"data.source: no files match {pattern!r}")
+                raise FileNotFoundError(f"{key}: no files match {pattern!r}")
             files += found
         suffixes = {Path(f).suffix for f in files}
         if len({_LOCAL_BUILDERS.get(s) for s in suffixes}) != 1 or None in {_LOCAL_BUILDERS.get(s) for s in suffixes}:
             raise ValueError(
-                f"data.source: files must all be one of {sorted(_LOCAL_BUILDERS)} (one kind at a time), got {suffixes}"
+                f"{key}: files must all be one of {sorted(_LOCAL_BUILDERS)} (one kind at a time), got {suffixes}"
             )
         return files
+
+    def _read_local(self, files: list[str], streaming: bool) -> Any:
+        import datasets
+
+        builder = _LOCAL_BUILDERS[Path(files[0]).suffix]
+        extra = {"sample_by": "paragraph"} if builder == "text" else {}  # a paragraph is a document
+        try:
+            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming, **extra)
+        except Exception as e:  # datasets wraps reading errors in its own: name the cause and the fix
+            raise explain_read_error(e, files) from None
+        if self.text_field not in (ds.column_names or [self.text_field]):
+            raise ValueError(f"data.text_field {self.text_field!r} is not a column of {files}: {ds.column_names}")
+        return ds
+
+    def _load_validation(self, streaming: bool = False) -> Any:
+        """The explicit validation documents: the files of val_source, or the hub dataset's val_split."""
+        if self.val_source is not None:
+            return self._read_local(self._local_files(self.val_source, "data.val_source"), streaming)
+        assert self.val_split is not None
+        return self._load(self.val_split, streaming)
 
     def _load(self, split: str, streaming: bool = False) -> Any:
         """The documents of one split as a `datasets` dataset (or an IterableDataset when streaming)."""
@@ -210,13 +268,7 @@ class TextDataModule(L.LightningDataModule):
         if kind == "builtin":
             return datasets.Dataset.from_dict({self.text_field: builtin_documents()})
         if kind == "local":
-            files = self._local_files()
-            builder = _LOCAL_BUILDERS[Path(files[0]).suffix]
-            extra = {"sample_by": "paragraph"} if builder == "text" else {}  # a paragraph is a document
-            try:
-                ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming, **extra)
-            except Exception as e:  # datasets wraps reading errors in its own: name the cause and the fix
-                raise explain_read_error(e, files) from None
+            ds = self._read_local(self._local_files(), streaming)
         else:
             try:
                 ds = datasets.load_dataset(self.source, self.hub_config, split=split, streaming=streaming)
@@ -240,6 +292,9 @@ class TextDataModule(L.LightningDataModule):
         else:
             ident = [self.source, self.hub_config, self.train_split]
         spec = [CACHE_VERSION, kind, ident, self.text_field, self.val_split, self.val_fraction]
+        if self.val_source is not None:  # only then: the keys of caches made without val_source stay as they were
+            files = self._local_files(self.val_source, "data.val_source")
+            spec.append([(str(Path(f).resolve()), os.path.getsize(f), os.path.getmtime(f)) for f in files])
         return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
     # ---- tokenizer --------------------------------------------------------------------------------------------
@@ -253,7 +308,7 @@ class TextDataModule(L.LightningDataModule):
             seen = 0
             for row in train_docs:
                 text = row[self.text_field]
-                if text and (self.val_split is not None or not is_validation(text, self.val_fraction)):
+                if text and (self._explicit_val or not is_validation(text, self.val_fraction)):
                     yield text
                     seen += len(text)
                     if seen >= self.bpe_training_chars:
@@ -287,11 +342,11 @@ class TextDataModule(L.LightningDataModule):
             tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            if self.val_split is None:
+            if not self._explicit_val:
                 self._write_tokens(self._load(self.train_split), tok, tmp, split_by_hash=True)
             else:
                 self._write_tokens(self._load(self.train_split), tok, tmp, split_by_hash=False, only="train")
-                self._write_tokens(self._load(self.val_split), tok, tmp, split_by_hash=False, only="val")
+                self._write_tokens(self._load_validation(), tok, tmp, split_by_hash=False, only="val")
             meta = {"dtype": self._dtype(tok), "tokenizer": tok.fingerprint, "source": str(self.source)}
             (tmp / "meta.json").write_text(json.dumps(meta))
             tmp.replace(out)
@@ -367,13 +422,16 @@ class TextDataModule(L.LightningDataModule):
         tok = self._get_tokenizer()
         self.tokenizer, self.vocab_size = tok, tok.vocab_size
         stream = self._load(self.train_split, streaming=True)
-        self.train_set = StreamingBlocks(stream, tok, self.text_field, self.block_size, self.val_fraction)
-        # Validation: the held-out documents among the first ones of the stream (or of val_split), kept in memory.
-        source = self._load(self.val_split, streaming=True) if self.val_split else stream
+        # With explicit validation data nothing is held out of training (fraction 0), as without streaming.
+        held_out = 0.0 if self._explicit_val else self.val_fraction
+        self.train_set = StreamingBlocks(stream, tok, self.text_field, self.block_size, held_out)
+        # Validation: the held-out documents among the first ones of the stream (or of val_split / val_source), kept
+        # in memory.
+        source = self._load_validation(streaming=True) if self._explicit_val else stream
         texts = []
         for row in source:
             text = row[self.text_field]
-            if text and (self.val_split or is_validation(text, self.val_fraction)):
+            if text and (self._explicit_val or is_validation(text, self.val_fraction)):
                 texts.append(text)
             if len(texts) >= self.stream_val_documents:
                 break

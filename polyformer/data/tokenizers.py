@@ -20,9 +20,11 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 END_OF_TEXT = "<|endoftext|>"
 PAD = "<|pad|>"
-# Names that pretrained tokenizers use for their special tokens, most specific first.
-_EOS_NAMES = (END_OF_TEXT, "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
-_BOS_NAMES = ("<s>", "<bos>", "<|begin_of_text|>", "[CLS]", END_OF_TEXT)
+# Names that pretrained tokenizers use for their special tokens, most specific first. CLIP has both a start and an
+# end token (OpenAI/Hugging Face: <|startoftext|> <|endoftext|>; open_clip: <start_of_text> <end_of_text>): its start
+# token must win over <|endoftext|>, which is bos only as the last resort, for GPT-2 style single-token vocabularies.
+_EOS_NAMES = (END_OF_TEXT, "</s>", "<eos>", "<|end_of_text|>", "<end_of_text>", "[SEP]")
+_BOS_NAMES = ("<s>", "<bos>", "<|begin_of_text|>", "<|startoftext|>", "<start_of_text>", "[CLS]", END_OF_TEXT)
 _PAD_NAMES = (PAD, "<pad>", "[PAD]", "<|padding|>")
 
 

@@ -75,13 +75,14 @@ def pad(rows: list[list[int]], value: int) -> Tensor:
 
 def length_batches(lengths: list[int], order: list[int], batch_size: int, max_tokens: int | None) -> list[list[int]]:
     """Group indices (already sorted by length) into batches of `batch_size` pairs, or, with max_tokens, of as many
-    pairs as fit in max_tokens padded tokens (pairs x longest)."""
+    pairs as fit in max_tokens padded tokens (pairs x longest) but never more than `batch_size` (fairseq's
+    --batch-size beside --max-tokens): short pairs would otherwise make batches of thousands of rows."""
     batches: list[list[int]] = []
     cur: list[int] = []
     longest = 0
     for i in order:
         new_longest = max(longest, lengths[i])
-        full = len(cur) >= batch_size if max_tokens is None else (len(cur) + 1) * new_longest > max_tokens
+        full = len(cur) >= batch_size or (max_tokens is not None and (len(cur) + 1) * new_longest > max_tokens)
         if cur and full:
             batches.append(cur)
             cur, new_longest = [], lengths[i]

@@ -8,6 +8,7 @@ Legend: B batch, T positions, D width, V vocabulary (padded to a multiple of 64)
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ from torchmetrics import Metric
 
 from polyformer.backbone import Cache, TokenEmbedding, Transformer, TransformerConfig, weight_count
 from polyformer.data.tokenizers import Tokenizer
-from polyformer.decoding import Decoder, sample
+from polyformer.decoding import Decoder, check_sampling, sample
 from polyformer.tasks.base import OptimizerConfig, TaskModule
 
 # GPT-2's layout (pre-LN, learned positions, final norm) at a small size; presets set the size.
@@ -36,6 +37,37 @@ class SamplingConfig:
     top_k: int | None = 50
     top_p: float | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:  # at configuration time, not after training when the samples are drawn
+        check_sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p, prefix="model.samples.")
+
+
+def check_same_tokenizer(checkpoint: Tokenizer, data: Tokenizer) -> None:
+    """ValueError unless both tokenizers turn text into the same ids. Equal vocab_size is not enough: another BPE
+    of the same size gives every id another meaning, and the model would train or score on scrambled tokens."""
+    ours, theirs = json.loads(checkpoint.to_json()), json.loads(data.to_json())
+    if ours == theirs:
+        return
+    fix = (
+        "use the data settings the checkpoint was trained with (the same data.tokenizer, bpe_vocab_size and "
+        "corpus), or set data.tokenizer to a tokenizer.json holding the checkpoint's tokenizer"
+    )
+    if checkpoint.vocab_size != data.vocab_size:
+        raise ValueError(
+            f"the checkpoint's tokenizer has vocab_size {checkpoint.vocab_size}, the data module's "
+            f"{data.vocab_size}; {fix}"
+        )
+    a, b = checkpoint.inner, data.inner
+    differ = next((i for i in range(checkpoint.vocab_size) if a.id_to_token(i) != b.id_to_token(i)), None)
+    if differ is not None:
+        what = f"token id {differ} is {a.id_to_token(differ)!r} in the checkpoint but {b.id_to_token(differ)!r} in"
+    else:  # same vocabulary, other merges / normalizer / pre-tokenizer: the same text still gets other ids
+        parts = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        what = f"the vocabularies match but the tokenizer settings ({', '.join(parts)}) differ from"
+    raise ValueError(
+        f"the checkpoint's tokenizer and the data module's have the same vocab_size ({data.vocab_size}) but are "
+        f"different tokenizers: {what} the data module; {fix}"
+    )
 
 
 class TokenLoss(Metric):
@@ -94,8 +126,8 @@ class LanguageModel(TaskModule):
         super().setup(stage)
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is not None and getattr(dm, "tokenizer", None) is not None:
-            if self.tokenizer is not None and self.tokenizer.vocab_size != dm.tokenizer.vocab_size:
-                raise ValueError("the checkpoint's tokenizer and the data module's tokenizer differ in vocab_size")
+            if self.tokenizer is not None:  # from a checkpoint (load_task): its token ids must mean the same
+                check_same_tokenizer(self.tokenizer, dm.tokenizer)
             self.tokenizer = dm.tokenizer
         block = getattr(dm, "block_size", None)
         if block is not None and self.backbone_cfg.position == "learned" and block > self.backbone_cfg.max_len:
@@ -265,3 +297,5 @@ class LanguageModel(TaskModule):
         self.init_from = None  # the checkpoint's weights replace the initial ones: don't fetch those again
         if "tokenizer" in checkpoint and self.tokenizer is None:
             self.tokenizer = Tokenizer.from_json(checkpoint["tokenizer"])
+        elif "tokenizer" in checkpoint:  # `fit/validate/test --ckpt_path`: restored after setup took the data's
+            check_same_tokenizer(Tokenizer.from_json(checkpoint["tokenizer"]), self.tokenizer)
