@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from polyformer.backbone import Transformer
+from polyformer.backbone import TokenEmbedding, Transformer
 
 CHECKPOINT_FORMAT = 1
 
@@ -59,15 +59,40 @@ def lr_multiplier(step: int, cfg: OptimizerConfig, total_steps: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+# Modules whose `weight` is a matrix that decoupled weight decay regularises: linear maps, convolutions and token
+# embeddings. Every other parameter (biases, norms, positions, class tokens, temperatures) is not decayed. Decided by
+# the module a parameter belongs to, never by its shape or name: under FSDP (`use_orig_params=True`) parameters are
+# flattened 1-D shards and names gain wrapper prefixes by the time `configure_optimizers` runs.
+DECAYED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, TokenEmbedding)
+
+# Path parts that wrappers (FSDP, activation checkpointing, torch.compile) insert into parameter names.
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter's name as the unwrapped model spells it."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
 def weight_decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices (linear and embedding weights); not biases, norms, positions, class tokens or temperatures."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim < 2 or any(k in name for k in ("positions", "pos_embed", "cls_token", "logit_scale"))
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """Two AdamW groups, matrices decayed and the rest not, each with its parameters' names (`param_names`, kept in
+    the optimizer's state dict). A parameter shared by two modules (a tied head) is listed once."""
+    groups: dict[bool, list[tuple[str, nn.Parameter]]] = {True: [], False: []}
+    seen: set[int] = set()
+    for module_name, m in module.named_modules():
+        for name, p in m.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            decayed = isinstance(m, DECAYED_MODULES) and name == "weight"
+            groups[decayed].append((clean_name(f"{module_name}.{name}" if module_name else name), p))
+    return [
+        {"params": [p for _, p in groups[True]], "param_names": [n for n, _ in groups[True]],
+         "weight_decay": weight_decay},
+        {"params": [p for _, p in groups[False]], "param_names": [n for n, _ in groups[False]], "weight_decay": 0.0},
+    ]  # fmt: skip
 
 
 def to_primitive(value: Any) -> Any:

@@ -148,7 +148,8 @@ class CLIP(TaskModule):
         self.image_proj = nn.Linear(ic.backbone.width, self.embed_dim, bias=False)
         self.text_proj = nn.Linear(self.text_cfg.backbone.width, self.embed_dim, bias=False)
         clip_init(self)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(self.init_logit_scale)))
+        # Shape (1,), not a scalar: FSDP cannot shard 0-d parameters ("FSDP doesn't support scalar parameters").
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(self.init_logit_scale)))
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -173,7 +174,7 @@ class CLIP(TaskModule):
         still protects evaluation and `score` from checkpoints whose parameter is beyond it."""
         log_scale = self.logit_scale
         capped = log_scale.clamp(max=math.log(self.max_logit_scale))
-        return (log_scale + (capped - log_scale).detach()).exp()
+        return (log_scale + (capped - log_scale).detach()).exp().squeeze(0)  # () scalar
 
     def forward(self, images: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.encode_image(images), self.encode_text(tokens), self.scale()
@@ -308,3 +309,6 @@ class CLIP(TaskModule):
             self.tokenizer = Tokenizer.from_json(extra["tokenizer"])
         self.class_names, self.prompts = extra.get("class_names"), extra.get("prompts", self.prompts)
         self.preprocess = extra.get("preprocess", {})
+        state = checkpoint.get("state_dict", {})
+        if "logit_scale" in state and state["logit_scale"].ndim == 0:  # written before it became (1,)
+            state["logit_scale"] = state["logit_scale"].reshape(1)

@@ -91,6 +91,7 @@ def convert_open_clip(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         else:
             raise ValueError(f"open_clip key {key!r} has no counterpart in our CLIP (a non-ViT or custom model?)")
     out["image.patch.proj.bias"] = torch.zeros(out["image.patch.proj.weight"].shape[0])  # CLIP's conv has no bias
+    out["logit_scale"] = out["logit_scale"].reshape(1)  # ours is (1,): FSDP shards no 0-d parameters
     return out
 
 
@@ -117,4 +118,5 @@ def _convert_hf(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     for name, parts in qkv.items():
         out[name] = torch.cat([parts["q"], parts["k"], parts["v"]])  # rows q, k, v as our fused projection
     out["image.patch.proj.bias"] = torch.zeros(out["image.patch.proj.weight"].shape[0])
+    out["logit_scale"] = out["logit_scale"].reshape(1)
     return out
