@@ -60,14 +60,26 @@ class ImageTower(nn.Module):
         if position == "learned":
             self.pos_embed = nn.Parameter(torch.randn(1, self.patch.num_tokens, backbone.width) * 0.02)
         else:
-            table = torch.cat([torch.zeros(self.prefix, backbone.width), sincos_2d(self.patch.grid, backbone.width)])
-            self.register_buffer("pos_embed", table[None], persistent=False)
+            self.register_buffer("pos_embed", self._sincos_table(torch.device("cpu")), persistent=False)
         self.norm_pre = nn.LayerNorm(backbone.width, eps=backbone.norm_eps) if norm_pre else nn.Identity()
         self.encoder = Transformer(dataclasses.replace(backbone, position="none"))
         # With average pooling the encoder's final norm moves after the pooling (timm's fc_norm).
         self.norm_post = nn.Identity()
         if pool == "avg" and backbone.final_norm and backbone.prenorm:
             self.norm_post, self.encoder.norm = self.encoder.norm, nn.Identity()
+
+    def _sincos_table(self, device: torch.device) -> Tensor:  # (1, prefix + N, D) float32
+        width = self.patch.proj.out_channels
+        grid = sincos_2d(self.patch.grid, width).to(device)
+        return torch.cat([torch.zeros(self.prefix, width, device=device), grid])[None]
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        # Fixed 2D sin-cos positions are a formula, not weights: recompute them in float32 after any move or cast
+        # (bf16-true casts every buffer) instead of keeping a rounded copy; see backbone.positional.FixedTable.
+        super()._apply(fn, recurse)
+        if not isinstance(self.pos_embed, nn.Parameter):
+            self.pos_embed = self._sincos_table(self.patch.proj.weight.device)
+        return self
 
     def forward(self, images: Tensor) -> Tensor:  # (B, C, H, W) -> (B, D)
         x = self.tokens(images)
