@@ -4,10 +4,17 @@ Lightning's own SIGUSR1 handler calls `trainer.save_checkpoint` (which holds a b
 handler, at whatever line each rank happens to be on. Under DDP one rank can then wait in that barrier while the
 other waits in backward's gradient all-reduce, and the job hangs until SLURM kills it, without a checkpoint
 (observed on our one-host cluster: rank 0 in `Trainer.save_checkpoint -> barrier` inside `Tensor.backward`,
-rank 1 in `_engine_run_backward`). Here the handler only records the signal; after each training batch the ranks
-OR their flags (one scalar all-reduce), and if any was signalled all of them save `hpc_ckpt_<n>.ckpt` together,
-rank 0 runs `scontrol requeue`, and training stops. The requeued job resumes from that checkpoint as usual
-(Lightning loads the newest `hpc_ckpt_*.ckpt` when `ckpt_path` is not given).
+rank 1 in `_engine_run_backward`). Here the handler only records the signal; after each training batch that ended
+with an optimizer step the ranks OR their flags (one scalar all-reduce), and if any was signalled all of them save
+`hpc_ckpt_<n>.ckpt` together, rank 0 runs `scontrol requeue`, and training stops. The requeued job resumes from that
+checkpoint as usual (Lightning loads the newest `hpc_ckpt_*.ckpt` when `ckpt_path` is not given).
+
+Only at optimizer-step boundaries: with gradient accumulation, a save after the first micro-batches of a step would
+store weights and optimizer state from before the step next to a loop position inside it, and the gradients
+accumulated so far are not in the checkpoint, so the resumed step would be computed from the remaining micro-batches
+alone. Lightning's own decision (`fit_loop._should_accumulate()`, read after the batch, when the step has run)
+tells where the boundaries are; it depends only on batch counts, so all ranks agree on it and enter the all-reduce
+together. Under manual optimization Lightning does not accumulate, so every batch is a boundary.
 
 Installed in `setup`, before Lightning registers its handlers, so Lightning sees a SIGUSR1 handler and leaves it.
 Does nothing outside SLURM or with `SLURMEnvironment(auto_requeue=False)`.
@@ -26,7 +33,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 
 class SlurmRequeue(L.Callback):
-    """On SLURM's requeue signal: checkpoint on every rank at the next batch boundary, requeue, stop."""
+    """On SLURM's requeue signal: checkpoint on every rank after the next optimizer step, requeue, stop."""
 
     def __init__(self) -> None:
         self._signalled = False
@@ -45,7 +52,9 @@ class SlurmRequeue(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._active or not trainer.strategy.reduce_boolean_decision(self._signalled, all=False):
+        if not self._active or trainer.fit_loop._should_accumulate():
+            return  # mid-accumulation: wait for the optimizer step (the same answer on every rank)
+        if not trainer.strategy.reduce_boolean_decision(self._signalled, all=False):
             return
         rank_zero_info(f"SLURM requeue signal received: saving an HPC checkpoint at step {trainer.global_step}")
         for logger in trainer.loggers:

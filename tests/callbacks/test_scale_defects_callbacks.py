@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -162,3 +164,79 @@ def test_each_rank_resumes_its_own_random_stream(tmp_path):
         resumed = json.loads((tmp_path / f"load-{rank}.json").read_text())
         assert resumed == expected, f"rank {rank} resumed another random stream"
     assert json.loads((tmp_path / "save-0.json").read_text()) != json.loads((tmp_path / "save-1.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. SLURM requeue at an optimizer-step boundary
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class TinyRegressor(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.layer(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class SignalAt(L.Callback):
+    """Sends SIGUSR1 to this process while micro-batch `batch_idx` runs, as `scancel --signal=USR1` would."""
+
+    def __init__(self, batch_idx: int) -> None:
+        self.batch_idx = batch_idx
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if batch_idx == self.batch_idx:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_slurm_requeue_saves_at_an_optimizer_step_boundary(tmp_path, monkeypatch):
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from polyformer.callbacks import slurm_requeue
+    from polyformer.callbacks.slurm_requeue import SlurmRequeue
+
+    for name, value in {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
+                        "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_NAME": "train",
+                        "SLURM_NODELIST": "127.0.0.1"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    requeued: list[list[str]] = []
+    monkeypatch.setattr(slurm_requeue.subprocess, "call", lambda cmd, *a, **k: requeued.append(cmd) or 0)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 4, generator=g)
+    data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=2)  # 8 micro-batches, 4 steps an epoch
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        trainer = L.Trainer(max_epochs=3, accumulate_grad_batches=2, plugins=[SLURMEnvironment()], accelerator="cpu",
+                            devices=1, callbacks=[SlurmRequeue(), SignalAt(batch_idx=2)], logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=tmp_path)  # fmt: skip
+        # Micro-batch 2 is the first half of optimizer step 2: the save must wait for the step to finish.
+        trainer.fit(TinyRegressor(), data)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+    assert requeued == [["scontrol", "requeue", "4242"]]
+    assert trainer.global_step == 2, "training did not stop right after the step during which the signal came"
+    hpc = sorted(tmp_path.glob("hpc_ckpt_*.ckpt"))
+    assert len(hpc) == 1, list(tmp_path.iterdir())
+    saved = torch.load(hpc[0], weights_only=True)
+    batches = saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"]
+    assert saved["global_step"] == 2 and batches == 4, (
+        f"HPC checkpoint at step {saved['global_step']} after {batches} micro-batches: mid-accumulation"
+    )
+    # Resumes right after that step: the remaining 2 steps of the epoch use micro-batches 4-7.
+    resumed = L.Trainer(max_epochs=1, accumulate_grad_batches=2, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)  # fmt: skip
+    resumed.fit(TinyRegressor(), data, ckpt_path=hpc[0])
+    assert resumed.global_step == 4
+    assert resumed.fit_loop.epoch_loop.batch_progress.total.processed == 8
