@@ -15,6 +15,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from polyformer.backbone import TokenEmbedding, Transformer
 
@@ -183,6 +184,19 @@ class TaskModule(L.LightningModule):
         total = cfg.max_steps or int(self.trainer.estimated_stepping_batches)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:  # fmt: skip
+        # Lightning's FSDP precision plugin refuses norm clipping ("not supported for FSDPPrecision"), so every preset
+        # with gradient_clip_val failed under FSDP. FSDP's own clip_grad_norm_ reduces the shards' norms across ranks:
+        # the same global norm, and the same clipping, as one process.
+        model = self.trainer.strategy.model if self._trainer is not None else None
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and isinstance(model, FSDP):
+            model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def training_flops(self, batch: Any) -> float | None:
         """Model FLOPs of one training step on this batch (forward + backward, this device), for the throughput and
