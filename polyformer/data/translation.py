@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +95,8 @@ def length_batches(lengths: list[int], order: list[int], batch_size: int, max_to
 class BucketBatchSampler(EpochSampler):
     """Each epoch: shuffle, stable-sort by length (ties stay shuffled), cut into batches, shuffle the batches, and
     give rank r every world-th batch, the same number on every rank (the remainder is dropped). Yields whole batches
-    (lists of indices); a DistributedSampler (via EpochSampler) so Lightning leaves it in place under DDP."""
+    (lists of indices; lists of (index, sample seed) keys inside a ResumableLoader); a DistributedSampler (via
+    EpochSampler) so Lightning leaves it in place under DDP."""
 
     def __init__(
         self, lengths: list[int], batch_size: int, max_tokens: int | None, shuffle: bool = True, seed: int = 0
@@ -119,10 +119,8 @@ class BucketBatchSampler(EpochSampler):
         world, rank = world_and_rank()
         return batches[rank::world][: len(batches) // world]
 
-    def __iter__(self) -> Iterator[list[int]]:  # type: ignore[override]
-        batches = self.batches()[self.skip :]
-        self.skip = 0
-        return iter(batches)
+    def epoch_items(self) -> list[list[int]]:  # EpochSampler skips, and under a ResumableLoader seeds, these
+        return self.batches()
 
     def __len__(self) -> int:
         return self._count // world_and_rank()[0]
