@@ -6,6 +6,11 @@ FLOP/s, and MFU where the accelerator's peak FLOP/s is known, i.e. on GPUs). FLO
 `training_flops(batch)` (6N + 12LTD per token, Kaplan et al. 2020, for the shapes of each batch: translation batches
 vary in length), set as Lightning's `flops_per_batch` before the monitor reads it; a module without that method may
 set `flops_per_batch` itself.
+
+The gradient norm is the norm of the whole gradient also when the strategy shards it (Lightning's FSDPStrategy,
+ModelParallelStrategy): each rank then holds only its shard's gradients, so every rank computes its shard's sum of
+squares, they are summed with one all-reduce, and rank 0 logs the square root. Every rank must enter that
+collective, so whether a step is due is decided from the step alone, the same on every rank, not from the rank.
 """
 
 from __future__ import annotations
@@ -16,8 +21,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
+from lightning.pytorch.strategies import FSDPStrategy, Strategy
 from torch import Tensor
+
+try:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+except ImportError:  # older Lightning
+    ModelParallelStrategy = None  # type: ignore[assignment,misc]
 
 
 def batch_size(batch: Any) -> int:
@@ -54,8 +66,11 @@ class TrainingStats(ThroughputMonitor):
         self.grad_norm, self.memory = grad_norm, memory
         self._first_batch_seen = False
 
+    def _step_due(self, trainer: pl.Trainer) -> bool:
+        return trainer.global_step % max(1, trainer.log_every_n_steps) == 0  # the same on every rank
+
     def _due(self, trainer: pl.Trainer) -> bool:
-        return trainer.is_global_zero and trainer.global_step % max(1, trainer.log_every_n_steps) == 0
+        return trainer.is_global_zero and self._step_due(trainer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *_: Any) -> None:
         if self._first_batch_seen:
@@ -69,11 +84,13 @@ class TrainingStats(ThroughputMonitor):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         # Called before clipping and after unscaling (AMP), so this is the norm the clip threshold is compared with.
-        if not self.grad_norm or not self._due(trainer):
+        if not self.grad_norm or not self._step_due(trainer):
             return
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        sharded, group = gradient_sharding(trainer.strategy)
+        if not sharded and not trainer.is_global_zero:
+            return  # replicated gradients: rank 0's are everyone's, no collective needed
+        norm = global_grad_norm(pl_module, sharded=sharded, group=group, device=trainer.strategy.root_device)
+        if norm is not None and trainer.is_global_zero:
             pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False, rank_zero_only=True)
 
     def on_train_batch_end(
@@ -100,6 +117,59 @@ class TrainingStats(ThroughputMonitor):
                              *args: Any, **kwargs: Any) -> None:  # fmt: skip
         set_flops(pl_module, batch, training=False)
         super().on_predict_batch_end(trainer, pl_module, outputs, batch, *args, **kwargs)
+
+
+def gradient_sharding(strategy: Strategy) -> tuple[bool, dist.ProcessGroup | None]:
+    """Whether `strategy` leaves each rank with only a shard of the gradients, and the process group whose shards
+    together make one whole gradient (None: the default group, or the one the DTensor gradients carry)."""
+    if isinstance(strategy, FSDPStrategy):
+        from torch.distributed.fsdp import ShardingStrategy
+
+        if strategy.sharding_strategy == ShardingStrategy.NO_SHARD:
+            return False, None  # every rank holds the whole (all-reduced) gradient, as under DDP
+        # HYBRID_SHARD shards within a node and replicates across nodes: the root's process_group is the shard group
+        # (the whole world for FULL_SHARD / SHARD_GRAD_OP), so replicas are not counted twice.
+        return True, getattr(strategy.model, "process_group", None)
+    if ModelParallelStrategy is not None and isinstance(strategy, ModelParallelStrategy):
+        # Its parameters are DTensors (fully_shard / parallelize_module in configure_model), reduced over their mesh.
+        return True, None
+    return False, None
+
+
+def global_grad_norm(
+    module: torch.nn.Module,
+    sharded: bool,
+    group: dist.ProcessGroup | None = None,
+    device: torch.device | None = None,
+) -> Tensor | None:
+    """L2 norm of the gradients of `module`'s parameters; None when there are none (unsharded only).
+
+    `sharded=False`: the local gradients are the whole gradient (single device, DDP). `sharded=True`: a collective
+    that every rank of `group` must call, also a rank holding no gradient: the local sums of squares (in float32)
+    are all-reduced and the square root taken. Gradients that are DTensors (FSDP2 / tensor parallel) are reduced over
+    their own mesh by DTensor, which knows which placements are shards and which replicas.
+    """
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not sharded:
+        return torch.nn.utils.get_total_norm(grads, norm_type=2.0) if grads else None
+    from torch.distributed.tensor import DTensor
+
+    if device is None:
+        device = grads[0].device if grads else torch.device("cpu")
+    squares = torch.zeros((), dtype=torch.float32, device=device)
+    shards = [g for g in grads if not isinstance(g, DTensor)]
+    if shards:
+        norms = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for g in shards])
+        squares = squares + norms.to(device).square().sum()
+    dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=group)  # every rank, also one without gradients
+    distributed = [g for g in grads if isinstance(g, DTensor)]
+    if distributed:
+        # The norm of DTensors is a DTensor with a partial placement; `full_tensor` reduces it over the mesh. Every
+        # rank holds the same DTensor parameters (ModelParallelStrategy), so all of them get here.
+        norm = torch.nn.utils.get_total_norm(distributed, norm_type=2.0)
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        squares = squares + norm.to(device=device, dtype=torch.float32).square()
+    return squares.sqrt()
 
 
 def set_flops(pl_module: pl.LightningModule, batch: Any, training: bool) -> None:

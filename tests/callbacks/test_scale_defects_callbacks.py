@@ -240,3 +240,34 @@ def test_slurm_requeue_saves_at_an_optimizer_step_boundary(tmp_path, monkeypatch
     resumed.fit(TinyRegressor(), data, ckpt_path=hpc[0])
     assert resumed.global_step == 4
     assert resumed.fit_loop.epoch_loop.batch_progress.total.processed == 8
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. The gradient norm of a sharded model
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_grad_norm_of_a_sharded_model_is_the_whole_gradients(tmp_path):
+    proc = torchrun("fsdp_gradnorm_worker.py", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"gradnorm-{r}.json").read_text()) for r in (0, 1)]
+    reference = ranks[0]["reference"]
+    for rank, result in enumerate(ranks):
+        assert result["reference"] == reference
+        for wrapper in ("fsdp1", "fsdp2"):
+            print(f"rank {rank} {wrapper}: sharded {result[wrapper]['sharded']:.6f}, local shard "
+                  f"{result[wrapper]['local']:.6f}, unsharded model {reference:.6f}")  # fmt: skip
+            assert result[wrapper]["local"] < reference * (1 - 1e-3), "the shard is the whole gradient: no test"
+            assert result[wrapper]["sharded"] == pytest.approx(reference, rel=1e-5), (rank, wrapper)
+        assert result["rank0_only"] == pytest.approx(1.5**0.5, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_logged_grad_norm_under_lightning_fsdp_is_the_whole_gradients(tmp_path):
+    proc = torchrun("fsdp_lightning_worker.py", "gradnorm", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((tmp_path / "gradnorm.json").read_text())
+    print(f"logged train/grad_norm {result['logged']}, unsharded gradient {result['full']}")
+    assert len(result["logged"]) == len(result["full"]) == 2
+    assert result["logged"] == pytest.approx(result["full"], rel=1e-5)
