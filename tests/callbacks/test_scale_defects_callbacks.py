@@ -271,3 +271,101 @@ def test_logged_grad_norm_under_lightning_fsdp_is_the_whole_gradients(tmp_path):
     print(f"logged train/grad_norm {result['logged']}, unsharded gradient {result['full']}")
     assert len(result["logged"]) == len(result["full"]) == 2
     assert result["logged"] == pytest.approx(result["full"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. Sharded FSDP checkpoints are swapped into place atomically
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_survives_a_rank_killed_while_saving(tmp_path):
+    crashed = torchrun("fsdp_lightning_worker.py", "crash", str(tmp_path))
+    assert crashed.returncode != 0, "the second save was meant to die"
+    assert "exitcode: 17" in crashed.stderr, crashed.stderr[-4000:]
+    last = tmp_path / "last.ckpt"
+    assert last.is_dir() and (last / "meta.pt").is_file()
+    meta = torch.load(last / "meta.pt", weights_only=True)
+    assert meta["global_step"] == 2
+    # The old directory is whole: Lightning's own loading under the strategy reads it back, weights and all.
+    resumed = torchrun("fsdp_lightning_worker.py", "resume", str(tmp_path))
+    assert resumed.returncode == 0, f"the old checkpoint does not load:\n{resumed.stderr[-4000:]}"
+    result = json.loads((tmp_path / "resumed.json").read_text())
+    assert result["same_keys"] and result["max_abs_diff"] == 0.0, result
+    assert result["global_step"] == result["expected_step"] == 2
+    # The save after the resume replaced it and removed what the killed save left.
+    assert torch.load(last / "meta.pt", weights_only=True)["global_step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("last.ckpt")) == ["last.ckpt"]
+
+
+def make_old(target: Path) -> None:
+    target.mkdir()
+    (target / "shard-0").write_text("old 0")
+    (target / "shard-1").write_text("old 1")
+    (target / "only-old").write_text("old")
+
+
+def contents(directory: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted(directory.iterdir())}
+
+
+OLD = {"only-old": "old", "shard-0": "old 0", "shard-1": "old 1"}
+NEW = {"shard-0": "new 0", "shard-1": "new 1"}
+
+
+def write_new(directory: Path) -> None:
+    (directory / "shard-0").write_text("new 0")
+    (directory / "shard-1").write_text("new 1")
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["rename-exchange", "two-renames"])
+def test_directory_is_replaced_as_a_whole(tmp_path, monkeypatch, exchange):
+    from polyformer import checkpoint_io
+
+    if not exchange:
+        monkeypatch.setattr(checkpoint_io, "_rename_exchange", lambda a, b: False)
+    target = tmp_path / "last.ckpt"
+    make_old(target)
+    checkpoint_io.write_directory_atomically(target, write_new)
+    assert contents(target) == NEW  # nothing of the old directory is mixed in
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    (tmp_path / "file.ckpt").write_text("a full checkpoint")  # a file replaced by a sharded directory
+    checkpoint_io.write_directory_atomically(tmp_path / "file.ckpt", write_new)
+    assert contents(tmp_path / "file.ckpt") == NEW
+
+
+def swap_worker(mode: str, target: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(HERE / "dir_swap_worker.py"), mode, str(target)], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_writer_killed_mid_write_leaves_the_old_directory(tmp_path):
+    from polyformer.checkpoint_io import write_directory_atomically
+
+    target = tmp_path / "last.ckpt"
+    make_old(target)
+    proc = swap_worker("die-writing", target)
+    assert proc.returncode == 3, proc.stderr
+    assert contents(target) == OLD
+    leftovers = [p.name for p in tmp_path.iterdir() if p != target]
+    assert len(leftovers) == 1 and leftovers[0].startswith("last.ckpt.tmp-"), leftovers  # the killed write's
+    write_directory_atomically(target, write_new)
+    assert contents(target) == NEW
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"], "the next save did not remove the dead write"
+
+
+def test_swap_killed_between_its_renames_keeps_the_old_directory(tmp_path):
+    from polyformer.checkpoint_io import remove_stale_temporaries, write_directory_atomically
+
+    target = tmp_path / "last.ckpt"
+    make_old(target)
+    proc = swap_worker("die-swapping", target)
+    assert proc.returncode == 4, proc.stderr
+    moved = [p for p in tmp_path.iterdir() if ".old-" in p.name]
+    assert not target.exists() and len(moved) == 1 and contents(moved[0]) == OLD  # complete, under another name
+    remove_stale_temporaries(target)  # what the next save (or a load through AtomicFSDPStrategy) does first
+    assert contents(target) == OLD
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    write_directory_atomically(target, write_new)
+    assert contents(target) == NEW
