@@ -194,8 +194,8 @@ class LanguageModel(TaskModule):
         nats, num_bytes = self.token_losses(batch)
         loss = nats.mean()
         bpb = nats.sum().detach() / (math.log(2) * num_bytes.sum().clamp(min=1))
-        self.log("train_loss", loss, prog_bar=True)
-        self.log_dict({"train_ppl": loss.detach().exp(), "train_bpb": bpb})
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({"train/ppl": loss.detach().exp(), "train/bpb": bpb})
         return loss
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
@@ -205,8 +205,8 @@ class LanguageModel(TaskModule):
     def on_validation_epoch_end(self) -> None:
         values = self.val_metric.compute()  # summed over ranks, so 1 and 2 processes give the same numbers
         self.val_metric.reset()
-        self.log("val_loss", values["loss"].float(), prog_bar=True)
-        self.log_dict({"val_ppl": values["ppl"].float(), "val_bpb": values["bpb"].float()})
+        self.log("val/loss", values["loss"].float(), prog_bar=True)
+        self.log_dict({"val/ppl": values["ppl"].float(), "val/bpb": values["bpb"].float()})
 
     def on_train_end(self) -> None:  # before on_fit_end, where RunSummary prints the paths last
         if self.samples.prompts and self.trainer.is_global_zero:

@@ -22,9 +22,9 @@ def test_tiny_preset_trains_samples_and_generates(tmp_path):
     assert fit.returncode == 0, fit.stderr[-3000:]
     with open(next(Path(tmp_path, "logs").rglob("metrics.csv"))) as f:
         rows = list(csv.DictReader(f))
-    val = [float(r["val_loss"]) for r in rows if r.get("val_loss")]
+    val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
     assert len(val) == 3 and val[-1] < val[0] - 0.3, val  # validation loss falls over a few dozen steps
-    ppl = [(float(r["val_loss"]), float(r["val_ppl"])) for r in rows if r.get("val_ppl")]
+    ppl = [(float(r["val/loss"]), float(r["val/ppl"])) for r in rows if r.get("val/ppl")]
     assert all(abs(p - 2.718281828**loss) < 1e-3 * p for loss, p in ppl)
     assert "Samples (temperature 0.8" in fit.stdout and "If the" in fit.stdout
     assert "Run summary:" in fit.stdout and "best checkpoint:" in fit.stdout and "logs (CSV):" in fit.stdout

@@ -88,7 +88,7 @@ def test_sigkill_mid_training_then_resume_and_finish(tiny_lm_config, cli_env, tm
 
 def _logged_steps(path) -> list[int]:
     with open(path) as f:
-        return [int(row["step"]) for row in csv.DictReader(f) if row.get("train_loss")]
+        return [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
 
 
 def _yaml(value: dict) -> str:

@@ -58,9 +58,9 @@ def test_validation_metrics_match_hand_computation(data, tmp_path):
             pieces = [data.tokenizer.inner.id_to_token(t) for t in targets.flatten().tolist()]
             nbytes += sum(len(bytes(to_byte[c] for c in p)) for p in pieces if p not in ("<|endoftext|>", "<|pad|>"))
     assert model.vocab_size == 300 and model.embed.weight.shape[0] == 320  # padded to a multiple of 64
-    assert logged["val_loss"] == pytest.approx(nats / tokens, rel=1e-5)
-    assert logged["val_ppl"] == pytest.approx(math.exp(logged["val_loss"]), rel=1e-5)
-    assert logged["val_bpb"] == pytest.approx(nats / (math.log(2) * nbytes), rel=1e-5)
+    assert logged["val/loss"] == pytest.approx(nats / tokens, rel=1e-5)
+    assert logged["val/ppl"] == pytest.approx(math.exp(logged["val/loss"]), rel=1e-5)
+    assert logged["val/bpb"] == pytest.approx(nats / (math.log(2) * nbytes), rel=1e-5)
 
 
 def test_cached_and_uncached_generation_agree(data):
@@ -101,9 +101,9 @@ def test_generate_text_returns_strings(data):
 def test_training_lowers_the_loss_and_checkpoint_carries_tokenizer(data, tmp_path):
     model = LanguageModel(backbone=TINY, optimizer=OptimizerConfig(lr=3e-3, warmup_steps=5), samples=None)
     t = trainer(tmp_path, max_steps=40, limit_val_batches=2, val_check_interval=40, gradient_clip_val=1.0)
-    before = trainer(tmp_path).validate(model, datamodule=data, verbose=False)[0]["val_loss"]
+    before = trainer(tmp_path).validate(model, datamodule=data, verbose=False)[0]["val/loss"]
     t.fit(model, datamodule=data)
-    after = t.callback_metrics["val_loss"].item()
+    after = t.callback_metrics["val/loss"].item()
     assert after < before - 0.5, (before, after)
     t.save_checkpoint(tmp_path / "lm.ckpt")
     loaded = load_task(tmp_path / "lm.ckpt", expected=LanguageModel)
