@@ -11,8 +11,13 @@ import argparse
 import logging
 import sys
 import warnings
+from pathlib import Path
 
-from polyformer.bench.golden import RUNS, compare, read_golden, run_curve, write_golden
+# The curves and their code are test support under tests/golden/, not part of the package: import them as the tests
+# do, with tests/ on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from golden.curves import RUNS, compare, read_golden, run_curve, write_golden  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

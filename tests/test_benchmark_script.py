@@ -11,8 +11,8 @@ import pytest
 import torch
 from helpers import ROOT
 
-from polyformer.bench import run
-from polyformer.bench.models import TASKS
+from benchmarks import run
+from benchmarks.models import TASKS
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +32,7 @@ def _run(tmp_path, *extra: str) -> tuple[list[dict], str]:
 
 
 def _check_markdown(text: str, sections: list[str]) -> None:
-    from polyformer.bench.report import TITLES
+    from benchmarks.report import TITLES
 
     assert text.startswith("# Benchmarks") and "python scripts/benchmark.py --size micro" in text
     for section in sections:
@@ -72,7 +72,7 @@ def test_every_task_and_section(tmp_path):
 
 
 def test_lm_pairs_compare_matched_activations():
-    from polyformer.bench.models import build_case
+    from benchmarks.models import build_case
 
     case = build_case("lm", "micro", torch.device("cpu"))
     names = {c.name for c in case.contenders}

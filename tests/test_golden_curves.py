@@ -7,8 +7,7 @@ intended, regenerate with `python scripts/golden_curves.py` and commit tests/gol
 import warnings
 
 import pytest
-
-from polyformer.bench.golden import RUNS, compare, read_golden, run_curve
+from golden.curves import RUNS, compare, read_golden, run_curve
 
 
 @pytest.mark.parametrize("task", list(RUNS))

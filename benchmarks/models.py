@@ -5,7 +5,9 @@ Sizes: "micro" (seconds, for the tests), "tiny" (CPU, fp32, 2 threads), "base" (
 CLIP ViT-B/32, transformer-base). Dropout is 0 on both sides (nanoGPT, timm and open_clip pretraining defaults).
 
 Ours is the task's real model: the task class built with `configure_model()`, called through its own forward.
-Every contender gets the same loss on its logits (or embeddings), so the loss code does not decide the result.
+Every contender gets the same loss on its logits (or embeddings), so the loss code does not decide the result; for
+CLIP that is the task's own `contrastive_loss`. A case's FLOPs are our task's `training_flops`, the count the
+training logs use for MFU.
 Legend: B batch, T tokens, S source tokens, V vocabulary, D width.
 """
 
@@ -13,14 +15,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polyformer.backbone import TransformerConfig
+from polyformer.backbone import TransformerConfig, sinusoidal
+from polyformer.tasks.contrastive_loss import contrastive_loss
 
 from .timing import Contender
 
@@ -177,8 +180,8 @@ class Case:
     items: int  # tokens or images per training step
     contenders: list[Contender]
     # (ours, peer) names to compare; several when ours has variants (GPT-2's tanh GELU)
-    pairs: list[tuple[str, str, str]] = field(default_factory=list)  # (ours, peer, note)
-    flops_per_step: float | None = None  # training FLOPs of the model, for MFU
+    pairs: list[tuple[str, str, str]]  # (ours, peer, note)
+    flops_per_step: float  # model training FLOPs of one step, for MFU (see `_flops`)
 
 
 def _cfg(s: Shape, **kw: Any) -> TransformerConfig:
@@ -205,6 +208,17 @@ class _Tokenizer:
 def _built(task: nn.Module, device: torch.device) -> nn.Module:
     task.configure_model()
     return task.to(device)
+
+
+def _flops(ours: nn.Module, batch: Any) -> float:
+    """Model FLOPs of one training step on `batch`: our task's own `training_flops` (6N + 12LTD, see
+    `Transformer.training_flops`), the numerator of the MFU the training logs show.
+
+    The peers use the same number rather than a count of their own: every contender does the same work on the same
+    batch, so MFU compares step times exactly as the throughput ratio does. A count per peer would only add layout
+    details (GPT-2 6N counts its position table, ours the vocabulary padded to a multiple of 64): under 1% at
+    GPT-2 124M."""
+    return float(ours.training_flops(batch))
 
 
 # ---- language model ---------------------------------------------------------------------------------------------
@@ -250,9 +264,7 @@ def lm_case(s: Shape, device: torch.device, gen: torch.Generator) -> Case:
         ("polyformer gelu_tanh", "transformers GPT2LMHeadModel gelu_new", "both tanh GELU (GPT-2's)"),
         ("polyformer gelu", "transformers GPT2LMHeadModel gelu_new", "each its default GELU"),
     ]
-    # Model FLOPs (nanoGPT / PaLM convention): 6N + 12 L T D per token, N without the padded vocabulary rows.
-    n = sum(p.numel() for p in contenders[1].model.parameters())  # GPT-2's own count: vocab unpadded, tied head
-    flops = s.batch * s.seq_len * (6 * n + 12 * s.depth * s.seq_len * s.width)
+    flops = _flops(contenders[0].model, tokens)  # both activations: the same FLOPs
     return Case("lm", s, "tok", s.batch * s.seq_len, contenders, pairs, flops)
 
 
@@ -275,7 +287,8 @@ def vit_case(s: Shape, device: torch.device, gen: torch.Generator) -> Case:
         Contender("polyformer", ours, lambda: F.cross_entropy(ours(images), labels), lambda: ours(images), ours=True),
         Contender("timm VisionTransformer", peer, lambda: F.cross_entropy(peer(images), labels), lambda: peer(images)),
     ]
-    return Case("vit", s, "img", s.batch, contenders, [("polyformer", "timm VisionTransformer", "both exact GELU")])
+    pairs = [("polyformer", "timm VisionTransformer", "both exact GELU")]
+    return Case("vit", s, "img", s.batch, contenders, pairs, _flops(ours, (images, labels)))
 
 
 # ---- translation ------------------------------------------------------------------------------------------------
@@ -296,9 +309,9 @@ class TorchSeq2Seq(nn.Module):
     def __init__(self, s: Shape) -> None:
         super().__init__()
         self.embed = nn.Embedding(s.vocab, s.width)
-        n = max(s.src_len, s.seq_len)
-        pos = torch.arange(n)[:, None] * torch.exp(-math.log(10000.0) * torch.arange(0, s.width, 2) / s.width)
-        self.register_buffer("pe", torch.stack([pos.sin(), pos.cos()], -1).flatten(1), persistent=False)
+        # nn.Transformer has no positions: add the backbone's own sinusoidal table, as our translation model does.
+        positions = sinusoidal(torch.arange(max(s.src_len, s.seq_len)), s.width)  # (T, D)
+        self.register_buffer("pe", positions, persistent=False)
         self.transformer = nn.Transformer(
             d_model=s.width, nhead=s.heads, num_encoder_layers=s.depth, num_decoder_layers=s.decoder_depth,
             dim_feedforward=int(s.mlp_ratio * s.width), dropout=0.0, activation=s.activation, batch_first=True,
@@ -349,16 +362,11 @@ def mt_case(s: Shape, device: torch.device, gen: torch.Generator) -> Case:
         ("polyformer", "torch nn.Transformer", f"pre-LN both, {s.activation}"),
         ("polyformer", "transformers MarianMTModel", f"Marian is post-LN, {s.activation}"),
     ]
-    return Case("mt", s, "tok", s.batch * s.seq_len, contenders, pairs)
+    flops = _flops(ours, {"source": src, "target_in": tin})
+    return Case("mt", s, "tok", s.batch * s.seq_len, contenders, pairs, flops)
 
 
 # ---- CLIP -------------------------------------------------------------------------------------------------------
-def clip_loss(img: Tensor, txt: Tensor, scale: Tensor) -> Tensor:
-    logits = scale * img @ txt.T  # (B, B): matching pairs on the diagonal
-    labels = torch.arange(img.shape[0], device=img.device)
-    return (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.T.float(), labels)) / 2
-
-
 def clip_case(s: Shape, device: torch.device, gen: torch.Generator) -> Case:
     from open_clip.model import CLIP as OpenCLIP
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
@@ -384,13 +392,17 @@ def clip_case(s: Shape, device: torch.device, gen: torch.Generator) -> Case:
         mlp_ratio=s.mlp_ratio,
     )  # fmt: skip
     peer = OpenCLIP(s.embed_dim, vision_cfg, text_cfg, quick_gelu=False).to(device)
+    # Both return (image, text, logit_scale) and get the loss our CLIP task trains with (one process: no gather).
     contenders = [
         Contender(
-            "polyformer", ours, lambda: clip_loss(*ours(images, tokens)), lambda: ours(images, tokens), ours=True
+            "polyformer", ours, lambda: contrastive_loss(*ours(images, tokens)), lambda: ours(images, tokens), ours=True
         ),
-        Contender("open_clip CLIP", peer, lambda: clip_loss(*peer(images, tokens)), lambda: peer(images, tokens)),
+        Contender(
+            "open_clip CLIP", peer, lambda: contrastive_loss(*peer(images, tokens)), lambda: peer(images, tokens)
+        ),
     ]
-    return Case("clip", s, "img", s.batch, contenders, [("polyformer", "open_clip CLIP", "both exact GELU")])
+    pairs = [("polyformer", "open_clip CLIP", "both exact GELU")]
+    return Case("clip", s, "img", s.batch, contenders, pairs, _flops(ours, {"image": images, "text": tokens}))
 
 
 BUILDERS: dict[str, Callable[[Shape, torch.device, torch.Generator], Case]] = {

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .models import SHAPES, Shape
+from .report import Row
 
 WORKERS = 2
 CLASSES = 4
@@ -96,10 +97,9 @@ def loader_speed(dm: Any, items: Callable[[Any], int], batches: int) -> tuple[fl
     return count / elapsed, seen / elapsed
 
 
-def run_data(args: argparse.Namespace, model_rows: list[Any] | None = None) -> tuple[list[Any], list[str]]:
-    from .run import Row
-
-    rows, skipped = [], []
+def run_data(args: argparse.Namespace, model_rows: list[Row] | None = None) -> tuple[list[Row], list[str]]:
+    rows: list[Row] = []
+    skipped: list[str] = []
     batches = 2 * args.rounds + 2
     torch.manual_seed(args.seed)
     for task in args.tasks:

@@ -1,8 +1,43 @@
-"""Markdown rendering of a benchmark report: what ran where, then one table per section."""
+"""A benchmark report's rows and their Markdown rendering: what ran where, then one table per section.
+
+The rows live here, not in `run`, so that `run` (which fills them) and `data` (which adds its own) both import this
+module and nothing imports `run`: the driver sits on top, with no import cycle back into it.
+"""
 
 from __future__ import annotations
 
-from .run import Report, Row
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Row:
+    """One comparison: ours against one peer on one task and phase."""
+
+    section: str
+    task: str
+    config: str
+    ours: str
+    peer: str
+    unit: str
+    ours_per_s: float
+    peer_per_s: float
+    ratio: float  # ours / peer throughput, median of per-round ratios
+    note: str = ""
+    ours_mib: float | None = None
+    peer_mib: float | None = None
+    ours_mfu: float | None = None
+    peer_mfu: float | None = None
+
+
+@dataclass
+class Report:
+    command: str
+    environment: dict[str, str]
+    settings: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
 
 TITLES = {
     "train": "Training step (forward + backward + AdamW step)",
@@ -77,8 +112,9 @@ def render(report: Report) -> str:
             "",
             "Memory: on CUDA `torch.cuda.max_memory_allocated` over one training step; on CPU an estimate of what a "
             "step holds at its peak (parameters, gradients, AdamW's two moments, and the tensors autograd saves for "
-            "backward). MFU: model training FLOPs per step (LM: 6N + 12·L·T·d per token; others counted by Lightning's "
-            "`measure_flops`) over step time and the device's peak; shown on GPU only.",
+            "backward). MFU: model training FLOPs per step (6N + 12·L·T·d per token, our task's `training_flops`, the "
+            "count the training logs use; the same for both sides) over step time and the device's peak; shown on "
+            "GPU only.",
         ]
     if report.skipped:
         lines += ["", "Not measured:", "", *(f"- {x}" for x in report.skipped)]

@@ -1,7 +1,9 @@
 """Golden loss curves: a fixed-seed tiny run of each task through a real Lightning Trainer on CPU (one thread, fp32,
-deterministic), whose per-step training losses are stored in `tests/golden/<task>.json`. A refactor that changes the
-numerics of the backbone, a task, its data pipeline or the optimizer schedule changes these numbers.
+deterministic), whose per-step training losses are stored next to this file as `<task>.json`. A refactor that
+changes the numerics of the backbone, a task, its data pipeline or the optimizer schedule changes these numbers.
 
+Test support, not platform code: the curves and the code that makes them both live under tests/, imported as
+`golden.curves` (pytest puts tests/ on the path; `scripts/golden_curves.py` does the same).
 Regenerate (after an intended change) with: python scripts/golden_curves.py
 """
 
@@ -20,7 +22,7 @@ import torch
 from polyformer.backbone import TransformerConfig
 from polyformer.tasks.base import OptimizerConfig
 
-GOLDEN_DIR = Path(__file__).resolve().parents[2] / "tests" / "golden"
+GOLDEN_DIR = Path(__file__).resolve().parent  # the <task>.json curves sit beside their code
 REGENERATE = "python scripts/golden_curves.py"
 STEPS = 30
 SEED = 0

@@ -14,44 +14,17 @@ import shlex
 import statistics
 import sys
 import warnings
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict
 
 import torch
 
+from .data import run_data
+from .generation import generation_cases
 from .models import SIZES, TASKS, Case, build_case
-from .timing import Contender, Settings, infer_step, interleave, make_optimizer, paired_ratio, peak_memory, train_step
+from .report import Report, Row, render
+from .timing import Settings, infer_step, interleave, make_optimizer, paired_ratio, peak_memory, train_step
 
 SECTIONS = ("train", "infer", "generate", "data")
-
-
-@dataclass
-class Row:
-    """One comparison: ours against one peer on one task and phase."""
-
-    section: str
-    task: str
-    config: str
-    ours: str
-    peer: str
-    unit: str
-    ours_per_s: float
-    peer_per_s: float
-    ratio: float  # ours / peer throughput, median of per-round ratios
-    note: str = ""
-    ours_mib: float | None = None
-    peer_mib: float | None = None
-    ours_mfu: float | None = None
-    peer_mfu: float | None = None
-
-
-@dataclass
-class Report:
-    command: str
-    environment: dict[str, str]
-    settings: dict[str, Any]
-    rows: list[Row] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -129,13 +102,6 @@ def peak_flops(args: argparse.Namespace, device: torch.device) -> float | None:
     return get_available_flops(device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
 
 
-def count_flops(c: Contender) -> float:
-    """Training FLOPs of one step (forward + backward) counted by Lightning's `measure_flops`."""
-    from lightning.fabric.utilities.throughput import measure_flops
-
-    return float(measure_flops(c.model, c.loss, lambda loss: loss))
-
-
 def log(message: str) -> None:
     """Progress on stderr, so stdout stays the clean Markdown report."""
     print(f"[benchmark] {message}", file=sys.stderr, flush=True)
@@ -146,12 +112,9 @@ def run_case(case: Case, args: argparse.Namespace, s: Settings, peak: float | No
         c.optimizer = make_optimizer(c.model, s.device)
     rows: list[Row] = []
     memory: dict[str, float] = {}
-    if "train" in args.sections:
-        if s.device.type == "cpu":  # the estimate hooks autograd, which a compiled graph hides: take it eagerly
-            memory = {c.name: peak_memory(c, s)[0] for c in case.contenders}
-        if peak is not None and case.flops_per_step is None:
-            ours = next(c for c in case.contenders if c.ours)
-            case.flops_per_step = count_flops(ours)
+    if "train" in args.sections and s.device.type == "cpu":
+        # The estimate hooks autograd, which a compiled graph hides: take it eagerly, before compiling.
+        memory = {c.name: peak_memory(c, s)[0] for c in case.contenders}
     if s.compile:
         for c in case.contenders:
             c.model.compile()
@@ -181,8 +144,6 @@ def run_case(case: Case, args: argparse.Namespace, s: Settings, peak: float | No
 
 
 def run_generation(args: argparse.Namespace, s: Settings) -> list[Row]:
-    from .generation import generation_cases
-
     rows = []
     for case in generation_cases(args.size, s.device, args.seed, tuple(args.tasks)):
         times = interleave(case.contenders, infer_step, s)
@@ -234,8 +195,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> Report:
     if "generate" in args.sections:
         report.rows += run_generation(args, s)
     if "data" in args.sections:
-        from .data import run_data
-
         rows, skipped = run_data(args, report.rows)
         report.rows += rows
         report.skipped += skipped
@@ -245,8 +204,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> Report:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    from .report import render
-
     report = run(args, argv)
     text = render(report)
     print(text)
