@@ -12,15 +12,15 @@ crafted to run code when unpickled is refused with a clear message instead of be
 
 Sharded FSDP checkpoints (`state_dict_type: sharded`) are directories written by every rank, and Lightning's
 FSDPStrategy writes them itself, into the target path, without a CheckpointIO: a save killed halfway would leave the
-previous `last.ckpt/` with some shards new and some old or truncated. `AtomicFSDPStrategy` writes into a temporary
+previous `last.ckpt/` with some shards new and some old or truncated. `AtomicShardedSaves` writes into a temporary
 sibling directory `<name>.tmp-<pid of rank 0>` (all ranks), waits for every rank (barrier), and rank 0 swaps it into
 place with `swap_into_place`: an atomic exchange of the two paths where the file system has one (Linux
 `renameat2(RENAME_EXCHANGE)`: the target is the complete old or the complete new directory at every instant), then
 deletes the old one. Elsewhere it is two renames (old away to `<name>.old-<pid>`, new in); a kill between them
 leaves the complete old directory under that name, which the next save (or load) in that directory puts back
 (`remove_stale_temporaries`), as it removes temporaries that killed saves left behind. `AtomicShardedSaves` is the
-mixin that does it for any FSDPStrategy subclass; `AtomicFSDPStrategy` is `polyformer.strategies.FSDPStrategy` with
-it (name it in the trainer config: `class_path: polyformer.checkpoint_io.AtomicFSDPStrategy`, same arguments).
+mixin that does it for any FSDPStrategy subclass; `polyformer.strategies.FSDPStrategy` (configs/trainer/fsdp.yaml)
+has it.
 """
 
 from __future__ import annotations
@@ -44,8 +44,6 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-
-from polyformer.strategies import FSDPStrategy
 
 TMP_MARK = ".tmp-"
 OLD_MARK = ".old-"  # a replaced checkpoint directory, for the moment between two renames (no atomic exchange)
@@ -180,7 +178,7 @@ def swap_into_place(new: Path, target: Path) -> None:
 
 def write_directory_atomically(target: str | Path, write: Callable[[Path], None]) -> None:
     """`write(directory)` fills a fresh temporary directory, which then replaces `target` as a whole (one process;
-    `AtomicFSDPStrategy` does the same with every rank writing)."""
+    `AtomicShardedSaves` does the same with every rank writing)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target)
@@ -307,7 +305,3 @@ class AtomicShardedSaves:
             self.barrier("AtomicShardedSaves.load_checkpoint:recovered")
         parent: Any = super()
         return parent.load_checkpoint(checkpoint_path, weights_only=weights_only)
-
-
-class AtomicFSDPStrategy(AtomicShardedSaves, FSDPStrategy):
-    """polyformer's FSDPStrategy (Lightning's, also on CPU; same arguments) with atomic sharded checkpoints."""

@@ -1,18 +1,17 @@
-"""Random-number-generator states in the checkpoint, so a resumed run draws the same dropout masks (and in-process
-augmentations) as one that never stopped. Lightning saves model, optimizer, scheduler, loops and data position,
-but not the RNGs.
+"""Random-number-generator states in the checkpoint, so a resumed run draws the same dropout masks (and whatever
+else the model draws: Mixup/CutMix in the training step) as one that never stopped. Lightning saves model,
+optimizer, scheduler, loops and data position, but not the RNGs. Per-sample data augmentation does not depend on
+these states at all: our loaders seed each sample from (seed, epoch, index) and give the global generators back
+afterwards (`polyformer.data.loading.SeededSamples`), in worker processes or not.
 
 The states are stored as tensors, ints and lists (no numpy arrays, no tuples of objects), so checkpoints still load
 with `torch.load(weights_only=True)`.
 
 Which state: the one at the end of the last training batch. It is put back
-- after validation inside fit, so the next batch's data augmentation (drawn when the batch is loaded, before any
-  batch hook) sees the same state whether or not validation ran, and whether or not the run was resumed there;
-- on resume, at `on_train_start`, i.e. before the first batch is loaded.
-So a run resumed from a checkpoint draws the dropout masks, and the in-process augmentations, of the run that never
-stopped. It is deliberately *not* put back before every batch: the batch has been loaded (and augmented) by then, so
-rewinding would make every batch's augmentation start from the same state. Iterator start-up draws nothing from the
-global generator because our loaders own one (`polyformer.data.loading`).
+- after validation inside fit, so the next training step draws the same numbers whether or not validation ran, and
+  whether or not the run was resumed there;
+- on resume, at `on_train_start`, before the first batch.
+It is deliberately *not* put back before every batch: that would make every batch draw the same numbers.
 
 Every rank's states are written, one entry per rank: ranks do not draw in lockstep (translation batches differ in
 length from rank to rank, so do their dropout masks), and each rank's CUDA generator is its own device's. A rank

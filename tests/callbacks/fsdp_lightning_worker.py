@@ -3,7 +3,7 @@ CPU) on a tiny model.
 
 `gradnorm OUT`: two steps with `TrainingStats`; rank 0 writes the `train/grad_norm` it logged next to the norm of
 the full, unsharded gradient (FSDP's `summon_full_params(with_grads=True)`, a collective on every rank).
-`crash OUT`: two steps under polyformer's AtomicFSDPStrategy (sharded checkpoints), save `OUT/last.ckpt`, write the
+`crash OUT`: two steps under polyformer.strategies.FSDPStrategy (sharded checkpoints), save `OUT/last.ckpt`, write the
 full weights to `OUT/expected.pt`, change the weights, save again: rank 1 dies while writing its shard into the
 directory it was given (a SIGKILL mid-write, as far as the files on disk are concerned).
 `resume OUT`: fresh processes resume from `OUT/last.ckpt` through Lightning's loading, rank 0 writes whether the
@@ -25,7 +25,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from polyformer.callbacks.stats import TrainingStats
-from polyformer.checkpoint_io import AtomicFSDPStrategy
 from polyformer.strategies import FSDPStrategy
 
 
@@ -108,7 +107,7 @@ def full_weights(trainer: L.Trainer) -> dict[str, torch.Tensor]:
 
 
 def sharded_trainer(max_steps: int, callbacks: list[L.Callback] | None = None) -> L.Trainer:
-    strategy = AtomicFSDPStrategy(state_dict_type="sharded")
+    strategy = FSDPStrategy(state_dict_type="sharded")
     return L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=max_steps, logger=False,
                      callbacks=callbacks or [], enable_checkpointing=False, enable_progress_bar=False,
                      enable_model_summary=False)  # fmt: skip

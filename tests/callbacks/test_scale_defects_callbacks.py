@@ -364,7 +364,7 @@ def test_swap_killed_between_its_renames_keeps_the_old_directory(tmp_path):
     assert proc.returncode == 4, proc.stderr
     moved = [p for p in tmp_path.iterdir() if ".old-" in p.name]
     assert not target.exists() and len(moved) == 1 and contents(moved[0]) == OLD  # complete, under another name
-    remove_stale_temporaries(target)  # what the next save (or a load through AtomicFSDPStrategy) does first
+    remove_stale_temporaries(target)  # what the next save (or a sharded load) does first
     assert contents(target) == OLD
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
     write_directory_atomically(target, write_new)
