@@ -45,3 +45,18 @@ def test_cells_left_out_are_exactly_the_documented_ones():
         ("translation", "resume-workers"),
     }, left_out
     assert len(CELLS) == len(TASKS) * len(SETTINGS) - len(left_out)
+
+
+def test_gpu_script_says_what_to_run_without_a_gpu(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: scripts/parity.py would run the whole GPU matrix")
+    script = Path(__file__).resolve().parents[2] / "scripts" / "parity.py"
+    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "python -m polyformer.parity matrix" in proc.stderr, proc.stderr
