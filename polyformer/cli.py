@@ -4,7 +4,7 @@ Subclass mode: a YAML file picks the task (`model.class_path`) and the data (`da
 `--config` files compose and dotted flags override (`--model.backbone.depth=12`).
 
 Every run from here gets, whatever the presets say: atomic checkpoint writes and weights-only loads
-(`polyformer.checkpoint_io`), and the callbacks in `ALWAYS_ON`, each configurable as `--<name>.<arg>`.
+(`polyformer.checkpointing.io`), and the callbacks in `ALWAYS_ON`, each configurable as `--<name>.<arg>`.
 Mistakes in the config or on the command line end in one short message before anything trains.
 """
 
@@ -31,7 +31,7 @@ VERBS = {
 # Callbacks registered for every run, by config key: `--guards.on_nonfinite=skip`. One line per callback.
 ALWAYS_ON = {
     "guards": "polyformer.callbacks.guards.TrainingGuards",
-    "rng_state": "polyformer.callbacks.rng_state.RNGState",  # before slurm_requeue: snapshot, then the HPC save
+    "rng_state": "polyformer.checkpointing.rng.RNGState",  # before slurm_requeue: snapshot, then the HPC save
     "slurm_requeue": "polyformer.callbacks.slurm_requeue.SlurmRequeue",
     "run_metadata": "polyformer.loggers.RunMetadata",
     "stats": "polyformer.callbacks.stats.TrainingStats",
@@ -59,7 +59,7 @@ def make_cli_class() -> type:
 
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-    from polyformer.checkpoint_io import with_atomic_checkpoint_io
+    from polyformer.checkpointing.io import with_atomic_checkpoint_io
 
     class StrictParser(LightningArgumentParser):
         """No prefix matching, also in the parsers jsonargparse builds for class_path arguments (it makes them of
@@ -110,7 +110,7 @@ def make_cli_class() -> type:
             subcommand = self.config.get("subcommand")
             ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
             if ckpt_path and os.path.isfile(ckpt_path):
-                from polyformer.checkpoint import load_checkpoint
+                from polyformer.checkpointing.files import load_checkpoint
 
                 load_checkpoint(ckpt_path, mmap=True)  # mmap: tensors are not read, only the structure is checked
 

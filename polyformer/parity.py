@@ -182,7 +182,7 @@ def cli_args(task: str, setting: Setting, out: Path, accelerator: str, steps: in
     batch = spec.batch // 2 if setting.split and not spec.buckets else spec.batch
     run = out / setting.name / task
     callbacks = [
-        {"class_path": "polyformer.callbacks.checkpoint.ResumableCheckpoint",
+        {"class_path": "polyformer.checkpointing.ResumableCheckpoint",
          "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True}},
         {"class_path": "polyformer.parity.ParityProbe", "init_args": {"out_dir": str(run), "phase": phase}},
     ]  # fmt: skip

@@ -6,7 +6,7 @@ accelerator device"). torch's FSDP itself trains on CPU with gloo when given `de
 This subclass passes that device on CPU and is Lightning's class everywhere else, so the sharded path (flattened
 parameters before `configure_optimizers`, sharded gradients and checkpoints) can be tested on CPU, in the parity
 matrix, and debugged on a laptop before it goes to a GPU cluster. Sharded checkpoints are written into a temporary
-directory and swapped into place (`polyformer.checkpoint_io.AtomicShardedSaves`): a kill mid-save leaves the
+directory and swapped into place (`polyformer.checkpointing.io.AtomicShardedSaves`): a kill mid-save leaves the
 previous checkpoint whole.
 """
 
@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import FSDPStrategy as LightningFSDPStrategy
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from polyformer.checkpoint_io import AtomicShardedSaves
+from polyformer.checkpointing.io import AtomicShardedSaves
 
 
 class FSDPStrategy(AtomicShardedSaves, LightningFSDPStrategy):

@@ -56,7 +56,7 @@ def test_presets_keep_resumable_checkpoints_and_short_callback_names_still_resol
     """Presets use our ResumableCheckpoint; the everyday `+=ModelCheckpoint` must still mean Lightning's class."""
     for preset in TASK_PRESETS:
         paths = [c["class_path"] for c in parse(preset)["trainer"]["callbacks"]]
-        assert "polyformer.callbacks.checkpoint.ResumableCheckpoint" in paths, (preset, paths)
+        assert "polyformer.checkpointing.ResumableCheckpoint" in paths, (preset, paths)
     resolved = parse(BASE_TASK, extra=("--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath=ckpt"))
     assert resolved["trainer"]["callbacks"][-1]["class_path"] == "lightning.pytorch.callbacks.ModelCheckpoint"
 

@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
     if missing:
         raise FileNotFoundError(f"image file(s) not found: {', '.join(missing)}")
 
-    from polyformer.checkpoint import load_task
+    from polyformer.checkpointing.loading import load_task
     from polyformer.data.images import eval_transform
     from polyformer.tasks.image_classification import ImageClassifier
 

@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     import torch
 
-    from polyformer.checkpoint import load_task
+    from polyformer.checkpointing.loading import load_task
     from polyformer.tasks.language_model import LanguageModel
 
     prompts = args.prompt or [""]

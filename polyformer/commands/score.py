@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
     args = parse(argv)
     import torch
 
-    from polyformer.checkpoint import load_task
+    from polyformer.checkpointing.loading import load_task
     from polyformer.data.image_text import load_image, normalize
     from polyformer.tasks.contrastive import CLIP
 

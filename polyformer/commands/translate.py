@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
     else:
         lines = sys.stdin.read().splitlines()
 
-    from polyformer.checkpoint import load_task
+    from polyformer.checkpointing.loading import load_task
     from polyformer.tasks.translation import Translation
 
     task = load_task(args.ckpt, expected=Translation).to(args.device)

@@ -1,5 +1,5 @@
 """What every task shares: the optimizer and its schedule, data-linked sizes, compile / activation-checkpointing
-switches, and checkpoint metadata that loads with `torch.load(weights_only=True)`.
+switches, and the checkpoint hooks (what they write and check is `polyformer.checkpointing.metadata`).
 
 Optimizer recipe: AdamW (Loshchilov & Hutter 2019) with the paper's betas (0.9, 0.98) and eps 1e-9 as defaults,
 weight decay on matrices only, linear warmup then cosine decay to a floor, or the paper's inverse-sqrt schedule.
@@ -7,7 +7,6 @@ weight decay on matrices only, linear warmup then cosine decay to a floor, or th
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -18,8 +17,7 @@ from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from polyformer.backbone import TokenEmbedding, Transformer
-
-CHECKPOINT_FORMAT = 1
+from polyformer.checkpointing.metadata import check_compatible, write_metadata
 
 
 @dataclass
@@ -94,29 +92,6 @@ def weight_decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str
          "weight_decay": weight_decay},
         {"params": [p for _, p in groups[False]], "param_names": [n for n, _ in groups[False]], "weight_decay": 0.0},
     ]  # fmt: skip
-
-
-def to_primitive(value: Any) -> Any:
-    """Dataclasses, tuples and paths to plain dicts/lists/strings, so checkpoints load with weights_only=True."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_primitive(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): to_primitive(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_primitive(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 class TaskModule(L.LightningModule):
@@ -205,35 +180,7 @@ class TaskModule(L.LightningModule):
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        hp = to_primitive(dict(self.hparams))
-        checkpoint["hyper_parameters"] = hp
-        checkpoint["polyformer"] = {
-            "format": CHECKPOINT_FORMAT,
-            "task": f"{type(self).__module__}.{type(self).__qualname__}",
-            "hyper_parameters": hp,
-        }
+        write_metadata(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_compatible(self, checkpoint)
-
-
-def check_compatible(task: TaskModule, checkpoint: dict[str, Any]) -> None:
-    """Refuse a checkpoint of another task or architecture with the mismatching field named."""
-    meta = checkpoint.get("polyformer")
-    if meta is None:
-        raise ValueError("this is not a polyformer checkpoint (no 'polyformer' metadata); was it made by polyformer?")
-    ours = f"{type(task).__module__}.{type(task).__qualname__}"
-    if meta["task"] != ours:
-        raise ValueError(f"the checkpoint is a {meta['task'].rsplit('.', 1)[-1]}, not a {type(task).__name__}")
-    theirs = flatten(meta["hyper_parameters"])
-    mine = flatten(to_primitive(dict(task.hparams)))
-    for key in sorted(theirs.keys() | mine.keys()):
-        if not key.startswith(task.architecture_hparams) or mine.get(key) is None:
-            continue
-        if key.rsplit(".", 1)[-1] in task.not_architecture or key not in theirs:
-            continue  # a field newer than the checkpoint: it was saved with that field's default behaviour
-        if theirs.get(key) != mine.get(key):
-            raise ValueError(
-                f"checkpoint does not fit this model: {key} is {theirs.get(key)!r} in the checkpoint but "
-                f"{mine.get(key)!r} in the config; use the checkpoint's value or start without it"
-            )

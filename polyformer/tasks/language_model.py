@@ -156,7 +156,7 @@ class LanguageModel(TaskModule):
 
     def _load_init_weights(self, source: str) -> None:
         if source.endswith(".ckpt"):
-            from polyformer.checkpoint import load_checkpoint
+            from polyformer.checkpointing.files import load_checkpoint
 
             state = load_checkpoint(source)["state_dict"]
         else:

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from polyformer import checkpoint_io
+from polyformer.checkpointing import files
 
 
 def write_new(directory: Path) -> None:
@@ -27,7 +27,7 @@ def write_new(directory: Path) -> None:
 
 def main(mode: str, target: Path) -> None:
     if mode == "die-swapping":
-        checkpoint_io._rename_exchange = lambda a, b: False  # type: ignore[assignment]
+        files._rename_exchange = lambda a, b: False  # type: ignore[assignment]
         real_rename, calls = os.rename, []
 
         def rename(src: object, dst: object) -> None:
@@ -37,7 +37,7 @@ def main(mode: str, target: Path) -> None:
             real_rename(src, dst)  # type: ignore[arg-type]
 
         os.rename = rename  # type: ignore[assignment]
-    checkpoint_io.write_directory_atomically(target, write_new)
+    files.write_directory_atomically(target, write_new)
 
 
 if __name__ == "__main__":

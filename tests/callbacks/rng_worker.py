@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from polyformer.callbacks.rng_state import RNGState
+from polyformer.checkpointing.rng import RNGState
 
 
 def draws() -> dict[str, list[float]]:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from polyformer.callbacks.checkpoint import ResumableCheckpoint
+from polyformer.checkpointing.resumable import ResumableCheckpoint
 
 
 class Regressor(L.LightningModule):

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 import torch
 
-from polyformer.callbacks import rng_state
-from polyformer.callbacks.rng_state import RNGState, collect_rng_states, restore_rng_states
+from polyformer.checkpointing import rng
+from polyformer.checkpointing.rng import RNGState, collect_rng_states, restore_rng_states
 
 HERE = Path(__file__).parent
 
@@ -145,7 +145,7 @@ def test_changed_world_size_falls_back_to_rank_0_with_a_warning(monkeypatch):
     torch.manual_seed(1)
     rank1 = collect_rng_states()
     warnings: list[str] = []
-    monkeypatch.setattr(rng_state, "rank_zero_warn", lambda message, *a, **k: warnings.append(str(message)))
+    monkeypatch.setattr(rng, "rank_zero_warn", lambda message, *a, **k: warnings.append(str(message)))
     callback = RNGState()
     callback.load_state_dict({"world_size": 2, "ranks": [rank0, rank1]})  # saved by 2 ranks, resumed by 1
     callback.on_train_start(None, None)  # type: ignore[arg-type]
@@ -320,17 +320,17 @@ def write_new(directory: Path) -> None:
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["rename-exchange", "two-renames"])
 def test_directory_is_replaced_as_a_whole(tmp_path, monkeypatch, exchange):
-    from polyformer import checkpoint_io
+    from polyformer.checkpointing import files
 
     if not exchange:
-        monkeypatch.setattr(checkpoint_io, "_rename_exchange", lambda a, b: False)
+        monkeypatch.setattr(files, "_rename_exchange", lambda a, b: False)
     target = tmp_path / "last.ckpt"
     make_old(target)
-    checkpoint_io.write_directory_atomically(target, write_new)
+    files.write_directory_atomically(target, write_new)
     assert contents(target) == NEW  # nothing of the old directory is mixed in
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
     (tmp_path / "file.ckpt").write_text("a full checkpoint")  # a file replaced by a sharded directory
-    checkpoint_io.write_directory_atomically(tmp_path / "file.ckpt", write_new)
+    files.write_directory_atomically(tmp_path / "file.ckpt", write_new)
     assert contents(tmp_path / "file.ckpt") == NEW
 
 
@@ -341,7 +341,7 @@ def swap_worker(mode: str, target: Path) -> subprocess.CompletedProcess:
 
 
 def test_writer_killed_mid_write_leaves_the_old_directory(tmp_path):
-    from polyformer.checkpoint_io import write_directory_atomically
+    from polyformer.checkpointing.files import write_directory_atomically
 
     target = tmp_path / "last.ckpt"
     make_old(target)
@@ -356,7 +356,7 @@ def test_writer_killed_mid_write_leaves_the_old_directory(tmp_path):
 
 
 def test_swap_killed_between_its_renames_keeps_the_old_directory(tmp_path):
-    from polyformer.checkpoint_io import remove_stale_temporaries, write_directory_atomically
+    from polyformer.checkpointing.files import remove_stale_temporaries, write_directory_atomically
 
     target = tmp_path / "last.ckpt"
     make_old(target)

@@ -12,7 +12,7 @@ import tokenizers
 import torch
 
 from polyformer.backbone import TransformerConfig
-from polyformer.checkpoint import load_task
+from polyformer.checkpointing.loading import load_task
 from polyformer.data.image_text import tokenize
 from polyformer.data.text import TextDataModule, is_validation
 from polyformer.data.tokenizers import END_OF_TEXT, Tokenizer, pretrained, train_bpe

@@ -45,7 +45,7 @@ def straight(request, tmp_path_factory, cache):
                     *common(task),
                     f"--trainer.max_steps={N}",
                     f"--trainer.default_root_dir={root}",
-                    "--trainer.callbacks+=polyformer.callbacks.checkpoint.ResumableCheckpoint",
+                    "--trainer.callbacks+=polyformer.checkpointing.ResumableCheckpoint",
                     f"--trainer.callbacks.dirpath={root / 'every'}",
                     f"--trainer.callbacks.every_n_train_steps={N // 2}",
                     "--trainer.callbacks.save_top_k=-1",
@@ -121,7 +121,7 @@ def test_rng_states_survive_a_weights_only_checkpoint(tmp_path):
 
     import numpy as np
 
-    from polyformer.callbacks.rng_state import RNGState
+    from polyformer.checkpointing.rng import RNGState
 
     torch.manual_seed(1)
     random.seed(2)
@@ -143,7 +143,7 @@ def test_rng_state_does_not_replay_the_same_augmentation_every_batch(tmp_path):
     every batch would draw the same augmentation. Draws made while loading must differ from batch to batch."""
     import lightning as L
 
-    from polyformer.callbacks.rng_state import RNGState
+    from polyformer.checkpointing.rng import RNGState
 
     class Augmented(torch.utils.data.Dataset):
         def __len__(self) -> int:

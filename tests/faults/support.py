@@ -26,7 +26,7 @@ TINY_LM = {
         "limit_val_batches": 0,
         "callbacks": [
             {
-                "class_path": "polyformer.callbacks.checkpoint.ResumableCheckpoint",
+                "class_path": "polyformer.checkpointing.ResumableCheckpoint",
                 "init_args": {"dirpath": "ckpts", "every_n_train_steps": 1, "save_last": True},
             }
         ],

@@ -20,8 +20,9 @@ import torch
 from faults.support import run_main
 from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 
-from polyformer.checkpoint import CheckpointError, load_checkpoint, load_task, read_checkpoint
-from polyformer.checkpoint_io import AtomicCheckpointIO, with_atomic_checkpoint_io
+from polyformer.checkpointing.files import CheckpointError, load_checkpoint, read_checkpoint
+from polyformer.checkpointing.io import AtomicCheckpointIO, with_atomic_checkpoint_io
+from polyformer.checkpointing.loading import load_task
 from polyformer.cli import make_cli_class
 from polyformer.tasks.base import TaskModule
 from polyformer.tasks.language_model import LanguageModel
@@ -99,7 +100,7 @@ def test_checkpoint_of_another_task_is_refused(lm_checkpoint, tmp_path):
 
 def test_checkpoint_naming_a_foreign_class_is_refused(lm_checkpoint, tmp_path):
     ckpt = load_checkpoint(lm_checkpoint)
-    for task in ("os.system", "subprocess.Popen", "polyformer.checkpoint.CheckpointError"):
+    for task in ("os.system", "subprocess.Popen", "polyformer.checkpointing.files.CheckpointError"):
         ckpt["polyformer"]["task"] = task
         path = tmp_path / "foreign.ckpt"
         torch.save(ckpt, path)
@@ -160,7 +161,7 @@ def test_a_foreign_checkpoint_io_is_kept_with_a_warning():
 KILL_DURING_SAVE = textwrap.dedent(
     """
     import sys, torch
-    from polyformer.checkpoint_io import AtomicCheckpointIO
+    from polyformer.checkpointing.io import AtomicCheckpointIO
     io = AtomicCheckpointIO()
     for version in range(1000):  # ~32 MB each: a save takes long enough to be caught in the middle
         io.save_checkpoint({"version": version, "state_dict": {"w": torch.full((8 * 2**20,), version)}}, sys.argv[1])

@@ -10,7 +10,7 @@ import yaml
 from faults.support import run_main
 from PIL import Image
 
-from polyformer.checkpoint import read_checkpoint
+from polyformer.checkpointing.files import read_checkpoint
 from polyformer.cli import main
 
 

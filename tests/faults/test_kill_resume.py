@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from polyformer.checkpoint import CheckpointError, read_checkpoint
+from polyformer.checkpointing.files import CheckpointError, read_checkpoint
 
 EVERY = 5  # checkpoint interval (optimizer steps)
 
@@ -20,7 +20,7 @@ EVERY = 5  # checkpoint interval (optimizer steps)
 def checkpointing(every: int) -> list[dict]:
     return [
         {
-            "class_path": "polyformer.callbacks.checkpoint.ResumableCheckpoint",
+            "class_path": "polyformer.checkpointing.ResumableCheckpoint",
             "init_args": {"dirpath": "ckpts", "every_n_train_steps": every, "save_last": True},
         }
     ]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from faults.support import run_main
 
-from polyformer.checkpoint import read_checkpoint
+from polyformer.checkpointing.files import read_checkpoint
 
 NAN_LM = "--model.class_path=faults.support.NaNLanguageModel"
 
@@ -99,7 +99,7 @@ def test_nan_on_one_ddp_rank_stops_every_rank(polyformer, tiny_lm_config, tmp_pa
 
 def _every_step_checkpoints() -> dict:
     return {
-        "class_path": "polyformer.callbacks.checkpoint.ResumableCheckpoint",
+        "class_path": "polyformer.checkpointing.ResumableCheckpoint",
         "init_args": {"dirpath": "ckpts", "every_n_train_steps": 1, "save_last": True, "save_top_k": -1},
     }
 

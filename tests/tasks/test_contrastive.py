@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from polyformer.backbone import TransformerConfig
-from polyformer.checkpoint import load_task
+from polyformer.checkpointing.loading import load_task
 from polyformer.data.image_text import ImageTextData, tokenize
 from polyformer.data.tokenizers import byte_level
 from polyformer.tasks.contrastive import CLIP, ImageEncoderConfig, TextEncoderConfig

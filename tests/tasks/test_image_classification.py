@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from polyformer.backbone import TransformerConfig
-from polyformer.checkpoint import load_task
+from polyformer.checkpointing.loading import load_task
 from polyformer.data.digits import DIGIT_NAMES
 from polyformer.data.images import AugmentConfig, ImageDataModule
 from polyformer.tasks.base import OptimizerConfig

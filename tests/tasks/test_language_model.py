@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from polyformer.backbone import TransformerConfig
-from polyformer.checkpoint import load_task
+from polyformer.checkpointing.loading import load_task
 from polyformer.data.text import TextDataModule
 from polyformer.data.tokenizers import _bytes_to_unicode
 from polyformer.tasks.base import OptimizerConfig

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from polyformer.backbone import TransformerConfig
-from polyformer.checkpoint import load_task
+from polyformer.checkpointing.loading import load_task
 from polyformer.data.translation import TranslationData
 from polyformer.tasks.base import OptimizerConfig
 from polyformer.tasks.translation import DecodingConfig, Translation, corpus_scores, label_smoothed_nll

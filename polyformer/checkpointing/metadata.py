@@ -1,0 +1,129 @@
+"""What a task writes into its checkpoints beside Lightning's own keys, how a checkpoint is checked against the task
+that loads it, and how older checkpoints are brought up to the current format.
+
+A task's checkpoint holds `polyformer: {format, task, hyper_parameters}` (and Lightning's `hyper_parameters`, the
+same values): the task's import path and its constructor arguments as plain dicts, lists and strings, so that
+`load_task` can rebuild it and `torch.load(weights_only=True)` can read it.
+
+`CHECKPOINT_FORMAT` is the version of what a checkpoint's contents mean. `upgrade` turns a checkpoint of an older
+format into the current one, in memory, before Lightning or `load_task` reads it (`AtomicCheckpointIO` and
+`load_task` call it): one step per format, each saying what changed, so a checkpoint written by an older polyformer
+still loads and resumes. tests/fixtures/format1/ holds checkpoints of format 1 written by that code.
+
+- 1 -> 2: the language model's metrics took the slash names every other task uses (`val_loss` -> `val/loss`, ...).
+  Lightning keys the saved state of a callback that monitors a metric (ModelCheckpoint, EarlyStopping) by that
+  metric's name, so without the rename a resumed run warns and its checkpoint callback starts with no best score.
+  (Other format-1 differences need no step here: optimizer groups without `param_names` load as they are, and
+  CLIP's scalar `logit_scale` is reshaped by `CLIP.on_load_checkpoint`, the module that owns it.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from polyformer.checkpointing.files import CheckpointError
+
+if TYPE_CHECKING:
+    from polyformer.tasks.base import TaskModule
+
+CHECKPOINT_FORMAT = 2
+
+
+def to_primitive(value: Any) -> Any:
+    """Dataclasses, tuples and paths to plain dicts/lists/strings, so checkpoints load with weights_only=True."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_primitive(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): to_primitive(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_primitive(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to one level of dotted keys: {"backbone": {"width": 8}} -> {"backbone.width": 8}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def task_path(task: TaskModule | type[TaskModule]) -> str:
+    """The import path that names a task class in checkpoints: `polyformer.tasks.language_model.LanguageModel`."""
+    cls = task if isinstance(task, type) else type(task)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def write_metadata(task: TaskModule, checkpoint: dict[str, Any]) -> None:
+    """Put the task's hyperparameters (as plain values) and polyformer's metadata into a checkpoint being saved."""
+    hp = to_primitive(dict(task.hparams))
+    checkpoint["hyper_parameters"] = hp
+    checkpoint["polyformer"] = {"format": CHECKPOINT_FORMAT, "task": task_path(task), "hyper_parameters": hp}
+
+
+def check_compatible(task: TaskModule, checkpoint: dict[str, Any]) -> None:
+    """Refuse a checkpoint of another task or architecture with the mismatching field named."""
+    meta = checkpoint.get("polyformer")
+    if meta is None:
+        raise ValueError("this is not a polyformer checkpoint (no 'polyformer' metadata); was it made by polyformer?")
+    ours = task_path(task)
+    if meta["task"] != ours:
+        raise ValueError(f"the checkpoint is a {meta['task'].rsplit('.', 1)[-1]}, not a {type(task).__name__}")
+    theirs = flatten(meta["hyper_parameters"])
+    mine = flatten(to_primitive(dict(task.hparams)))
+    for key in sorted(theirs.keys() | mine.keys()):
+        if not key.startswith(task.architecture_hparams) or mine.get(key) is None:
+            continue
+        if key.rsplit(".", 1)[-1] in task.not_architecture or key not in theirs:
+            continue  # a field newer than the checkpoint: it was saved with that field's default behaviour
+        if theirs.get(key) != mine.get(key):
+            raise ValueError(
+                f"checkpoint does not fit this model: {key} is {theirs.get(key)!r} in the checkpoint but "
+                f"{mine.get(key)!r} in the config; use the checkpoint's value or start without it"
+            )
+
+
+_LM = "polyformer.tasks.language_model.LanguageModel"
+_LM_METRICS_1 = {f"{split}_{name}": f"{split}/{name}" for split in ("train", "val") for name in ("loss", "ppl", "bpb")}
+
+
+def _from_1(checkpoint: dict[str, Any]) -> None:
+    callbacks = checkpoint.get("callbacks")
+    if checkpoint["polyformer"].get("task") != _LM or not isinstance(callbacks, dict):
+        return
+    for key in list(callbacks):
+        for old, new in _LM_METRICS_1.items():
+            if f"'monitor': '{old}'" in key:  # state_key of ModelCheckpoint / EarlyStopping: "Name{'monitor': ...}"
+                state = callbacks.pop(key)
+                if isinstance(state, dict) and state.get("monitor") == old:
+                    state["monitor"] = new
+                callbacks[key.replace(f"'monitor': '{old}'", f"'monitor': '{new}'")] = state
+                break
+
+
+_UPGRADES = {1: _from_1}  # format -> the step that makes it format + 1
+
+
+def upgrade(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint in the current format (changed in place and returned). A checkpoint of a newer format than this
+    code knows is refused, since its contents may mean something else; one without polyformer metadata is left as
+    it is (`check_compatible` says so where it matters)."""
+    meta = checkpoint.get("polyformer")
+    if not isinstance(meta, dict):
+        return checkpoint
+    version = meta.get("format", 1)
+    if not isinstance(version, int) or not 1 <= version <= CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"the checkpoint has polyformer format {version!r}; this polyformer reads formats 1 to "
+            f"{CHECKPOINT_FORMAT}: use a newer polyformer to load it"
+        )
+    for step in range(version, CHECKPOINT_FORMAT):
+        _UPGRADES[step](checkpoint)
+    meta["format"] = CHECKPOINT_FORMAT
+    return checkpoint
