@@ -32,6 +32,13 @@ def build_mask(
     return mask | ~mask.any(dim=-1, keepdim=True)
 
 
+def residual_projection(layer: nn.Linear) -> nn.Linear:
+    """Tag a layer whose output is added to the residual stream (`init_weights` scales its init by 1/sqrt(2 depth)):
+    decided where the layer is built, not by matching its name."""
+    layer.residual_projection = True  # type: ignore[assignment]
+    return layer
+
+
 class Attention(nn.Module):
     """Self-attention with a fused QKV projection, or cross-attention (Q from x, K/V from the context)."""
 
@@ -44,7 +51,7 @@ class Attention(nn.Module):
             self.kv = nn.Linear(cfg.width, 2 * kv_width, bias=cfg.bias)
         else:
             self.qkv = nn.Linear(cfg.width, cfg.width + 2 * kv_width, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.width, cfg.width, bias=cfg.bias)
+        self.proj = residual_projection(nn.Linear(cfg.width, cfg.width, bias=cfg.bias))
         self.dropout = cfg.attention_dropout
         self.record_weights = False  # set by visualisation callbacks: keep softmax weights in .weights
         self.weights: Tensor | None = None

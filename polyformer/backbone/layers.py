@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import Attention
+from .attention import Attention, residual_projection
 from .config import TransformerConfig
 
 
@@ -36,7 +36,7 @@ class FeedForward(nn.Module):
         self.gated = cfg.activation == "swiglu"
         self.fc1 = nn.Linear(cfg.width, cfg.mlp_hidden * (2 if self.gated else 1), bias=cfg.bias)
         self.act = nn.Identity() if self.gated else ACTIVATIONS[cfg.activation]()
-        self.fc2 = nn.Linear(cfg.mlp_hidden, cfg.width, bias=cfg.bias)
+        self.fc2 = residual_projection(nn.Linear(cfg.mlp_hidden, cfg.width, bias=cfg.bias))
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc1(x)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import build_mask
+from .attention import Attention, build_mask
 from .config import TransformerConfig
 from .layers import Block, make_norm
 from .positional import LearnedPositions, RotaryPositions, SinusoidalPositions
@@ -93,9 +93,9 @@ class Transformer(nn.Module):
         attention 12 x width per (query, key) pair and block (Kaplan et al. 2020's 6N + 12LTD). Causal masks and
         padding are not discounted (PaLM's MFU convention). Norms and activations are left out, as in both papers.
         """
-        linears = [(name, weight_count(m)) for name, m in self.named_modules() if isinstance(m, nn.Linear)]
-        per_key = sum(n for name, n in linears if name.endswith(".kv"))  # cross-attention keys/values: on the memory
-        per_query = sum(n for _, n in linears) - per_key
+        # Cross-attention keys/values are computed on the memory positions; every other matrix on the queries.
+        per_key = sum(weight_count(m.kv) for m in self.modules() if isinstance(m, Attention) and m.cross)
+        per_query = sum(weight_count(m) for m in self.modules() if isinstance(m, nn.Linear)) - per_key
         queries, width, depth = batch * length, self.cfg.width, self.cfg.depth
         pairs = queries * (length + (memory if self.cfg.cross_attention else 0))
         return 6.0 * (per_query * queries + per_key * batch * memory) + 12.0 * depth * width * pairs
@@ -122,9 +122,9 @@ def reorder_cache(cache: Cache, index: Tensor) -> Cache:
 def init_weights(module: nn.Module, depth: int) -> None:
     """GPT-2 init: N(0, 0.02) weights, zero biases, unit norms; residual projections scaled by 1/sqrt(2 * depth)
     so the residual stream's variance does not grow with depth."""
-    for name, m in module.named_modules():
+    for m in module.modules():
         if isinstance(m, nn.Linear):
-            std = 0.02 / math.sqrt(2 * depth) if name.endswith(("attn.proj", "mlp.fc2")) else 0.02
+            std = 0.02 / math.sqrt(2 * depth) if getattr(m, "residual_projection", False) else 0.02
             nn.init.normal_(m.weight, std=std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)

@@ -221,3 +221,23 @@ def test_stochastic_depth_drops_whole_residual_branches_only_in_training():
     assert (per_sample == per_sample[:, :1]).all()
     assert abs((per_sample[:, 0] == 0).float().mean().item() - 0.25) < 0.03
     assert abs(out.mean().item() - 1.0) < 0.05  # unbiased in expectation
+
+
+def test_init_and_flops_follow_the_modules_not_their_names():
+    # Residual projections are tagged where they are built: init scales them however the model names them, and the
+    # FLOP count finds cross-attention keys/values by the layer, not by a ".kv" suffix.
+    from torch import nn
+
+    from polyformer.backbone import init_weights
+    from polyformer.backbone.attention import Attention
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(width=256, depth=8, heads=4)
+    renamed = nn.ModuleDict({"mixer": Attention(cfg)})
+    init_weights(renamed, depth=8)
+    assert abs(renamed["mixer"].proj.weight.std().item() - 0.02 / 4) < 5e-4  # 0.02 / sqrt(2 * 8)
+    assert abs(renamed["mixer"].qkv.weight.std().item() - 0.02) < 5e-4
+    decoder = Transformer(TransformerConfig(width=32, depth=2, heads=2, causal=True, cross_attention=True))
+    with_memory = decoder.training_flops(2, 5, memory=7) - decoder.training_flops(2, 5, memory=0)
+    kv = sum(b.cross_attn.kv.weight.numel() for b in decoder.blocks)
+    assert with_memory == 6.0 * kv * 2 * 7 + 12.0 * 2 * 32 * (2 * 5 * 7)
