@@ -53,8 +53,6 @@ class Attention(nn.Module):
             self.qkv = nn.Linear(cfg.width, cfg.width + 2 * kv_width, bias=cfg.bias)
         self.proj = residual_projection(nn.Linear(cfg.width, cfg.width, bias=cfg.bias))
         self.dropout = cfg.attention_dropout
-        self.record_weights = False  # set by visualisation callbacks: keep softmax weights in .weights
-        self.weights: Tensor | None = None
 
     def _heads(self, x: Tensor, n: int) -> Tensor:  # (B, T, n*Dh) -> (B, n, T, Dh)
         return x.unflatten(-1, (n, self.head_dim)).transpose(1, 2)
@@ -84,23 +82,8 @@ class Attention(nn.Module):
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
         if cache is not None:
             cache["k"], cache["v"] = k, v
-        if self.record_weights:
-            y = self._explicit(q, k, v, mask, is_causal)
-        else:
-            p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal, enable_gqa=self.heads != G
-            )
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal, enable_gqa=self.heads != G
+        )
         return self.proj(y.transpose(1, 2).flatten(2))  # (B, H, T, Dh) -> (B, T, D)
-
-    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
-        """The formula written out, keeping the weights for attention maps (no dropout: meant for evaluation)."""
-        k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))
-        scores = q @ k.transpose(-2, -1) / self.head_dim**0.5  # (B, H, T, S)
-        if is_causal:
-            mask = build_mask(q.shape[2], k.shape[2], causal=True, window=None, padding_mask=None, device=q.device)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        weights = scores.softmax(dim=-1)
-        self.weights = weights.detach()
-        return weights.to(v.dtype) @ v

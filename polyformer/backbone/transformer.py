@@ -11,7 +11,6 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, build_mask
 from .config import TransformerConfig
@@ -37,7 +36,6 @@ class Transformer(nn.Module):
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, drop_path=r) for r in rates)
         self.norm = make_norm(cfg) if cfg.prenorm and cfg.final_norm else nn.Identity()
-        self.activation_checkpointing = False  # switched on by the task; recomputes each block in backward
         init_weights(self, cfg.depth)
 
     def new_cache(self) -> Cache:
@@ -75,11 +73,9 @@ class Transformer(nn.Module):
         memory_mask = None if memory_padding_mask is None else memory_padding_mask[:, None, None, :].bool()
 
         for i, block in enumerate(self.blocks):
-            args = (x, mask, is_causal, rope, memory, memory_mask, None if cache is None else cache[i])
-            if self.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(block, *args, use_reentrant=False)
-            else:
-                x = block(*args)
+            # The cache by keyword: a checkpoint wrapper applied from outside (the task's) sees it and skips the
+            # recompute, which would append this step's keys to the mutated cache a second time.
+            x = block(x, mask, is_causal, rope, memory, memory_mask, cache=None if cache is None else cache[i])
         return self.norm(x)
 
     def num_parameters(self) -> int:

@@ -4,7 +4,8 @@
 - translation: source / reference / hypothesis with sentence BLEU (table), corpus sacreBLEU with its signature;
 - image classification: misclassified validation images with true and predicted labels, the confusion matrix;
 - CLIP: the image-text similarity matrix of a validation batch, zero-shot accuracy per class, retrieval examples;
-- any task: attention maps of the first validation example, per layer and head.
+- any task: attention maps of the first validation example, per layer and head (recomputed from hooked inputs,
+  `polyformer.callbacks.attention_maps`: the backbone keeps no weights).
 
 The task is recognised by what it offers (`generate_text`, `translate`, `confusion_matrix`, `similarity`), not by
 its class. Everything runs on global rank 0 only and calls no collective: other ranks do no extra work. Media go
@@ -23,7 +24,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 
-from polyformer.backbone.attention import Attention
+from polyformer.callbacks.attention_maps import AttentionRecorder
 
 Image = np.ndarray  # (H, W, 3) uint8
 
@@ -143,42 +144,7 @@ def _render(fig: Any, canvas_cls: Any) -> Image:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-# ---- attention recording ------------------------------------------------------------------------------------------
-class AttentionRecorder:
-    """Keeps example 0's softmax weights of every `Attention` during one forward pass. A module whose full weights
-    (B, H, T, S) would exceed `max_elements` is skipped rather than risking the memory of a large batch."""
-
-    def __init__(self, module: torch.nn.Module, max_tokens: int, max_elements: int = 1 << 26) -> None:
-        self.maps: dict[str, Tensor] = {}
-        self.max_tokens, self.max_elements = max_tokens, max_elements
-        self.handles = []
-        for name, m in module.named_modules():
-            if isinstance(m, Attention):
-                self.handles.append(m.register_forward_pre_hook(self._before, with_kwargs=True))
-                self.handles.append(m.register_forward_hook(self._make_after(name)))
-
-    def _before(self, m: Attention, args: tuple, kwargs: dict) -> None:
-        x = args[0]
-        context = args[1] if len(args) > 1 else kwargs.get("context")
-        if kwargs.get("cache") is not None or x.ndim != 3:
-            return
-        S = context.shape[1] if context is not None else x.shape[1]
-        m.record_weights = x.shape[0] * m.heads * x.shape[1] * S <= self.max_elements
-
-    def _make_after(self, name: str) -> Any:
-        def after(m: Attention, args: tuple, output: Tensor) -> None:
-            if m.record_weights and m.weights is not None and name not in self.maps:
-                self.maps[name] = m.weights[0, :, : self.max_tokens, : self.max_tokens].float().cpu()
-            m.record_weights, m.weights = False, None
-
-        return after
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-
+# ---- attention maps -----------------------------------------------------------------------------------------------
 def group_attention(maps: dict[str, Tensor], layers: list[int] | None, heads: list[int] | None, max_heads: int):
     """{"encoder.blocks.3.attn": (H, T, S)} -> {"encoder/attn": {3: (h, T, S)}} with the chosen layers and heads."""
     groups: dict[str, dict[int, Tensor]] = {}

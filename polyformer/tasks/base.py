@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointImpl,
+    CheckpointWrapper,
+    apply_activation_checkpointing,
+    checkpoint_wrapper,
+)
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.utils.checkpoint import checkpoint
 
-from polyformer.backbone import TokenEmbedding, Transformer
+from polyformer.backbone import Block, TokenEmbedding, Transformer
 from polyformer.checkpointing.metadata import check_compatible, write_metadata
 
 
@@ -94,6 +102,14 @@ def weight_decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str
     ]  # fmt: skip
 
 
+def _recompute(block: nn.Module, *args: Any, cache: Any = None, **kwargs: Any) -> Any:
+    """Run a block under non-reentrant activation checkpointing only where a backward will come: in training with
+    grad enabled. Never with a KV cache, a dict the block mutates: its recompute would append the keys twice."""
+    if block.training and torch.is_grad_enabled() and cache is None:
+        return checkpoint(block, *args, use_reentrant=False, **kwargs)
+    return block(*args, cache=cache, **kwargs)
+
+
 class TaskModule(L.LightningModule):
     """Base of every task. Subclasses call `super().__init__(...)`, then `self.save_hyperparameters()`, and
     build their modules in `build()`, which runs once sizes linked from the data module are known."""
@@ -143,11 +159,14 @@ class TaskModule(L.LightningModule):
             return
         self.build()
         self._built = True
+        if self.activation_checkpointing and not any(isinstance(m, CheckpointWrapper) for m in self.modules()):
+            # Each block is wrapped from outside, the backbone has no flag; state_dict keys stay the same (the
+            # wrapper's hooks drop its prefix), so checkpoints load with or without it.
+            wrap = partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT, checkpoint_fn=_recompute)
+            apply_activation_checkpointing(self, checkpoint_wrapper_fn=wrap, check_fn=lambda m: isinstance(m, Block))
         for m in self.modules():
-            if isinstance(m, Transformer):
-                m.activation_checkpointing = self.activation_checkpointing
-                if self.compile_backbone:
-                    m.compile()  # in place: state_dict keys stay the same, and DDP/FSDP wrap the compiled module
+            if isinstance(m, Transformer) and self.compile_backbone:
+                m.compile()  # in place: state_dict keys stay the same, and DDP/FSDP wrap the compiled module
 
     # ---- optimisation -----------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Attention against the paper's formula and against torch.nn.MultiheadAttention with copied weights."""
+"""Attention against the paper's formula and against torch.nn.MultiheadAttention with copied weights; the attention
+maps computed outside the module against the formula."""
 
 import math
 
@@ -7,6 +8,8 @@ import torch
 from torch import nn
 
 from polyformer.backbone import Attention, TransformerConfig, build_mask
+from polyformer.backbone.positional import RotaryPositions, apply_rotary
+from polyformer.callbacks.attention_maps import attention_weights
 
 
 def cfg(**kw) -> TransformerConfig:
@@ -38,10 +41,49 @@ def test_attention_equals_formula(use_mask):
     expected = formula(split_heads(q, 4), split_heads(k, 4), split_heads(v, 4), mask)
     expected = attn.proj(expected.transpose(1, 2).flatten(2))
     torch.testing.assert_close(attn(x, mask=mask), expected)
-    attn.record_weights = True  # the explicit path used for attention maps agrees too
-    torch.testing.assert_close(attn(x, mask=mask), expected)
-    assert attn.weights.shape == (2, 4, 5, 5)
-    torch.testing.assert_close(attn.weights.sum(-1), torch.ones(2, 4, 5))
+
+
+@pytest.mark.parametrize("case", ["causal", "padding", "gqa", "rotary", "cross"])
+def test_attention_maps_are_the_weights_the_module_applies(case):
+    """The maps the media callback draws (`attention_weights`, outside the backbone) are the formula's weights,
+    and the SDPA path's output is exactly those weights applied to V through the module's projection."""
+    torch.manual_seed(0)
+    heads, kv_heads = 4, 2 if case == "gqa" else 4
+    attn = Attention(cfg(kv_heads=kv_heads), cross=case == "cross").eval()
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    context, mask, is_causal, rope = None, None, False, None
+    pad = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    if case in ("causal", "gqa"):
+        is_causal = True
+    elif case == "padding":
+        mask = build_mask(5, 5, causal=True, window=None, padding_mask=pad, device=x.device)
+    elif case == "rotary":
+        is_causal, rope = True, RotaryPositions(8, 10000.0)(torch.arange(3, 8)[None])  # positions after a prefix
+    else:
+        context = torch.randn(2, 7, 32)
+        mem_pad = torch.ones(2, 7, dtype=torch.bool)
+        mem_pad[0, 5:] = False
+        mask = mem_pad[:, None, None, :]
+
+    # By hand, from the module's weights.
+    if context is None:
+        q, k, v = attn.qkv(x).split([32, 8 * kv_heads, 8 * kv_heads], dim=-1)
+    else:
+        (q,), (k, v) = [attn.q(x)], attn.kv(context).chunk(2, dim=-1)
+    q, k, v = split_heads(q, heads), split_heads(k, kv_heads), split_heads(v, kv_heads)
+    if rope is not None:
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+    k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
+    scores = q @ k.transpose(-2, -1) / math.sqrt(8)
+    allowed = torch.ones(5, 5, dtype=torch.bool).tril() if is_causal else mask
+    expected = torch.softmax(scores if allowed is None else scores.masked_fill(~allowed, float("-inf")), dim=-1)
+
+    weights = attention_weights(attn, x, context, mask=mask, is_causal=is_causal, rope=rope)
+    assert weights.shape == (2, heads, 5, 7 if case == "cross" else 5) and not weights.requires_grad
+    torch.testing.assert_close(weights, expected)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, heads, 5))
+    y = attn(x, context, mask=mask, is_causal=is_causal, rope=rope)
+    torch.testing.assert_close(y, attn.proj((weights @ v).transpose(1, 2).flatten(2)))
 
 
 def copy_to_mha(attn: Attention, mha: nn.MultiheadAttention) -> None:

@@ -140,6 +140,45 @@ def test_group_attention_picks_layers_and_heads():
     torch.testing.assert_close(groups["encoder/attn"][2], maps["encoder.blocks.2.attn"][[1, 3]])
 
 
+def test_attention_recorder_recomputes_maps_from_hooked_inputs_and_leaves_the_model_alone():
+    from polyformer.backbone import build_mask
+    from polyformer.callbacks.attention_maps import AttentionRecorder, attention_weights
+    from polyformer.tasks.language_model import LanguageModel
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(**TINY, position="rotary", causal=True)
+    task = LanguageModel(cfg, vocab_size=40, activation_checkpointing=True)  # wrapped blocks: names are cleaned
+    task.configure_model()
+    task.eval()
+    tokens, pad = torch.randint(0, 40, (3, 6)), torch.ones(3, 6, dtype=torch.bool)
+    pad[0, 4:] = False
+    with torch.no_grad():
+        expected_logits = task(tokens, padding_mask=pad)
+        recorder = AttentionRecorder(task, max_tokens=5)
+        logits = task(tokens, padding_mask=pad)
+        recorder.remove()
+    assert torch.equal(logits, expected_logits)  # hooks only read
+    assert not any(m._forward_hooks for m in task.modules())
+    assert sorted(recorder.maps) == ["backbone.blocks.0.attn", "backbone.blocks.1.attn"]
+    # Layer 0 by hand: its attention sees norm1 of the embeddings, the padding mask and rotary positions.
+    block = task.backbone.blocks[0]
+    mask = build_mask(6, 6, causal=True, window=None, padding_mask=pad, device=tokens.device)
+    rope = task.backbone.rope(torch.arange(6)[None])
+    with torch.no_grad():
+        hand = attention_weights(block.attn, block.norm1(task.embed(tokens)), mask=mask, rope=rope)[0, :, :5, :5]
+    torch.testing.assert_close(recorder.maps["backbone.blocks.0.attn"], hand)
+    assert (hand[:, :, 4] == 0).all() and (hand.triu(1) == 0).all()  # a padded key, and the future, get no weight
+
+    # Cached decoding steps and weights over the size limit are not recorded.
+    decode, full = lambda: task.generate([[1, 2]], max_new_tokens=2), lambda: task(tokens)
+    for kwargs, run in (({}, decode), ({"max_elements": 10}, full)):
+        recorder = AttentionRecorder(task, max_tokens=5, **kwargs)
+        with torch.no_grad():
+            run()
+        recorder.remove()
+        assert recorder.maps == {}
+
+
 def test_token_count():
     assert token_count(torch.zeros(4, 9, dtype=torch.long)) == 36
     assert token_count({"source": torch.zeros(2, 5, dtype=torch.long), "target_in": torch.zeros(2, 7).long()}) == 14

@@ -1,0 +1,93 @@
+"""Attention maps, softmax(Q K^T / sqrt(d_k)) (Vaswani et al. 2017, section 3.2), computed outside the backbone.
+
+The backbone's attention runs on SDPA, which never materialises the weights. Rather than a recording flag and a
+second attention path in the model, forward hooks capture an `Attention` module's inputs and the weights are
+recomputed here from the module's own projections, with the same masks, rotary positions and GQA sharing.
+Legend: B batch, T query positions, S key positions, H heads, G key/value heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from polyformer.backbone.attention import Attention, build_mask
+from polyformer.backbone.positional import apply_rotary
+from polyformer.tasks.base import clean_name
+
+
+def queries_keys_values(
+    attn: Attention, x: Tensor, context: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """q (B, H, T, Dh) and k, v (B, H, S, Dh) as `attn` computes them; shared K/V heads repeated to H."""
+    H, G, Dh = attn.heads, attn.kv_heads, attn.head_dim
+    heads = lambda t, n: t.unflatten(-1, (n, Dh)).transpose(1, 2)  # noqa: E731  (B, T, n*Dh) -> (B, n, T, Dh)
+    if attn.cross:
+        q = heads(attn.q(x), H)
+        k, v = (heads(t, G) for t in attn.kv(context).split(G * Dh, dim=-1))
+    else:
+        q, k, v = attn.qkv(x).split([H * Dh, G * Dh, G * Dh], dim=-1)
+        q, k, v = heads(q, H), heads(k, G), heads(v, G)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+    k, v = (t.repeat_interleave(H // G, dim=1) for t in (k, v))
+    return q, k, v
+
+
+@torch.no_grad()
+def attention_weights(
+    attn: Attention,
+    x: Tensor,
+    context: Tensor | None = None,
+    mask: Tensor | None = None,
+    is_causal: bool = False,
+    rope: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """The softmax weights (B, H, T, S) that `attn(x, context, mask, is_causal, rope)` applies to its values, without
+    dropout and without a KV cache; detached."""
+    q, k, _ = queries_keys_values(attn, x, context, rope)
+    scores = q @ k.transpose(-2, -1) / attn.head_dim**0.5  # (B, H, T, S)
+    if is_causal:
+        mask = build_mask(q.shape[2], k.shape[2], causal=True, window=None, padding_mask=None, device=q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+class AttentionRecorder:
+    """Keeps example 0's softmax weights of every `Attention` during one forward pass (the first call of each). A
+    module whose full weights (B, H, T, S) would exceed `max_elements` is skipped rather than risking the memory of a
+    large batch; cached decoding steps are skipped too. `remove()` takes the hooks off again."""
+
+    def __init__(self, module: nn.Module, max_tokens: int, max_elements: int = 1 << 26) -> None:
+        self.maps: dict[str, Tensor] = {}
+        self.max_tokens, self.max_elements = max_tokens, max_elements
+        self.handles = [
+            m.register_forward_hook(self._make_hook(clean_name(name)), with_kwargs=True)
+            for name, m in module.named_modules()
+            if isinstance(m, Attention)
+        ]
+
+    def _make_hook(self, name: str) -> Any:
+        def hook(m: Attention, args: tuple, kwargs: dict[str, Any], output: Tensor) -> None:
+            call = inspect.signature(m.forward).bind(*args, **kwargs)  # the inputs however they were passed
+            call.apply_defaults()
+            a = call.arguments
+            x, context = a["x"], a["context"]
+            if name in self.maps or a["cache"] is not None or x.ndim != 3:
+                return
+            S = context.shape[1] if context is not None else x.shape[1]
+            if x.shape[0] * m.heads * x.shape[1] * S > self.max_elements:
+                return
+            w = attention_weights(m, x, context, a["mask"], a["is_causal"], a["rope"])
+            self.maps[name] = w[0, :, : self.max_tokens, : self.max_tokens].float().cpu()
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
