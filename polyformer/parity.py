@@ -18,7 +18,7 @@ the LM and translation data modules load in-process and have no workers.
 
 Run it:
     python -m polyformer.parity matrix --out parity-out                      # every setting on CPU, then the table
-    python -m polyformer.parity matrix --accelerator gpu --devices 2 --precision-settings bf16-mixed 16-mixed
+    python -m polyformer.parity matrix --accelerator gpu --extra 16-mixed --out DIR  # 2 GPUs, fp16 added
     python -m polyformer.parity run --setting ddp --out parity-out            # one setting (what the matrix runs)
     python -m polyformer.parity compare --out parity-out                      # the table of what has run
 The test suite runs the CPU matrix (tests/scale/test_parity.py); scripts/parity.py runs it on GPUs.
@@ -164,7 +164,7 @@ def not_applicable(task: str, setting: Setting) -> str | None:
     spec = TASKS[task]
     if task == "clip" and setting.accumulate > 1:
         return "contrastive loss over half batches has half the negatives: another objective, not a scale-out"
-    if spec.buckets and setting.accumulate > 1 and setting.processes == 1 and setting.name == "accumulation":
+    if spec.buckets and setting.accumulate > 1:
         return "translation's reference already accumulates 2 length buckets per step"
     if setting.workers and not spec.workers:
         return "this data module loads in-process (no worker processes)"
