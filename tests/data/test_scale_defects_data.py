@@ -6,16 +6,15 @@ import json
 from pydoc_data.topics import topics
 
 import lightning as L
-import numpy as np
 import pytest
-import tokenizers
 import torch
+from data.test_text_data import split_texts
 
 from polyformer.backbone import TransformerConfig
 from polyformer.checkpointing.loading import load_task
 from polyformer.data.image_text import tokenize
 from polyformer.data.text import TextDataModule, is_validation
-from polyformer.data.tokenizers import END_OF_TEXT, Tokenizer, pretrained, train_bpe
+from polyformer.data.tokenizers import Tokenizer, pretrained, train_bpe
 from polyformer.data.translation import BucketBatchSampler, length_batches
 from polyformer.decoding import Decoder, sample
 from polyformer.tasks.language_model import LanguageModel, SamplingConfig
@@ -67,32 +66,12 @@ def test_clip_tokenizer_captions_match_open_clip_and_transformers(clip_bpe_files
         assert row[: row.index(49407) + 1] == hf(caption).input_ids  # transformers' ids, specials included
 
 
-def test_gpt2_style_end_of_text_stays_both_bos_and_eos(tmp_path):
-    inner = tokenizers.ByteLevelBPETokenizer()
-    inner.train_from_iterator(list(topics.values())[:5], vocab_size=400, special_tokens=[END_OF_TEXT])
-    inner.save(str(tmp_path / "tokenizer.json"))
-    tok = pretrained(str(tmp_path))
-    assert tok.bos_id == tok.eos_id == 0
-
-
 # ---- 2. local text with val_split: validation was the training set ----------------------------------------------
 
 
 def write_docs(path, docs):
     path.write_text("\n".join(json.dumps({"text": d}) for d in docs))
     return str(path)
-
-
-def read_split(dm: TextDataModule, split: str) -> list[str]:
-    ds = dm.train_set if split == "train" else dm.val_set
-    docs, current = [], []
-    for t in np.memmap(ds.path, dtype=ds.dtype, mode="r").tolist():
-        if t == dm.tokenizer.eos_id:
-            docs.append(dm.tokenizer.decode(current))
-            current = []
-        else:
-            current.append(t)
-    return docs
 
 
 def test_local_text_with_val_split_never_validates_on_training_data(tmp_path):
@@ -112,8 +91,8 @@ def test_val_source_files_are_the_validation_set(tmp_path):
                         batch_size=2, cache_dir=str(tmp_path / "cache"))  # fmt: skip
     dm.setup("fit")
     assert any(is_validation(d, 0.05) for d in train_docs)
-    assert sorted(read_split(dm, "train")) == sorted(train_docs)  # every training document trains: no hash hold-out
-    assert sorted(read_split(dm, "val")) == sorted(val_docs)
+    assert sorted(split_texts(dm, "train")) == sorted(train_docs)  # every training document trains: no hash hold-out
+    assert sorted(split_texts(dm, "val")) == sorted(val_docs)
     other = write_docs(tmp_path / "other.jsonl", val_docs[:20])  # another validation set: another cache
     again = TextDataModule(source=train, val_source=other, tokenizer="byte", block_size=16, batch_size=2,
                            cache_dir=str(tmp_path / "cache"))  # fmt: skip

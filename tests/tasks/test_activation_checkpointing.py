@@ -17,15 +17,10 @@ from polyformer.tasks.language_model import LanguageModel
 
 # Dropout on: the recompute must replay the forward's random masks (checkpoint restores the RNG state).
 BACKBONE = dict(width=32, depth=2, heads=4, dropout=0.1, attention_dropout=0.1)
-pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def language_model(checkpointing: bool, **backbone) -> LanguageModel:

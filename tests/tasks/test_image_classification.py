@@ -18,16 +18,10 @@ from polyformer.tasks.vision import resize_pos_embed
 
 TINY = TransformerConfig(width=32, depth=2, heads=2, dropout=0.0)
 # training_step called directly (no Trainer) logs into the void: Lightning warns, the loss is still what we test.
-pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second intra-op thread costs more in synchronisation than it saves (100x on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def build(**kwargs) -> ImageClassifier:

@@ -24,16 +24,10 @@ from polyformer.tasks.image_classification import ImageClassifier, MixupConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # training_step called directly (no Trainer) logs into the void: Lightning warns, the loss is still what we test.
-pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second intra-op thread costs more in synchronisation than it saves on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 # ---- 1. CLIP's logit scale must be able to come back down from its cap ------------------------------------------
