@@ -16,6 +16,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from polyformer.parity import max_abs_diff  # noqa: F401  (re-exported for the e2e tests)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CONFIGS = ROOT / "configs"
@@ -124,11 +126,6 @@ def read_probe(out: Path, rank: int) -> dict[str, Any]:
     info["params"] = torch.load(out / f"rank{rank}-params.pt", weights_only=True)
     info["batch"] = torch.load(out / f"rank{rank}-batch.pt", weights_only=True)
     return info
-
-
-def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys(), f"different parameter names: {sorted(a.keys() ^ b.keys())[:5]}"
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
 def flat_tensors(batch: Any) -> list[torch.Tensor]:
