@@ -1,15 +1,16 @@
-"""Per-task media after validation: what a model learned, not just its loss curve.
+"""Dashboard media after validation: what a model learned, not just its loss curve.
 
-- language model: prompts and sampled continuations (table);
-- translation: source / reference / hypothesis with sentence BLEU (table), corpus sacreBLEU with its signature;
-- image classification: misclassified validation images with true and predicted labels, the confusion matrix;
-- CLIP: the image-text similarity matrix of a validation batch, zero-shot accuracy per class, retrieval examples;
-- any task: attention maps of the first validation example, per layer and head (recomputed from hooked inputs,
-  `polyformer.callbacks.attention_maps`: the backbone keeps no weights).
+The task says what to show through one typed method, `TaskModule.media(batch, request) -> list[Table | Images |
+Heatmap | Scalars]` (`polyformer.tasks.media`), given the first rows of the first validation batch; this callback
+renders those items and logs them, and knows no task. What each task shows is documented on its `media` method:
+LM samples, translations with sentence BLEU and the corpus signature, the confusion matrix and misclassified
+images, CLIP's similarity matrix, zero-shot accuracy per class and retrieval examples.
 
-The task is recognised by what it offers (`generate_text`, `translate`, `confusion_matrix`, `similarity`), not by
-its class. Everything runs on global rank 0 only and calls no collective: other ranks do no extra work. Media go
-to W&B as tables and images, to TensorBoard as text and images; other loggers get the scalar parts only.
+For any task it also logs the attention maps of the first validation example, per layer and head (recomputed from
+hooked inputs of the task's model, `polyformer.callbacks.attention_maps`: the backbone keeps no weights).
+
+Everything runs on global rank 0 only and calls no collective: other ranks do no extra work. Media go to W&B as
+tables and images, to TensorBoard as text and images; other loggers get the scalar parts only.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 
 from polyformer.callbacks.attention_maps import AttentionRecorder
+from polyformer.tasks.base import TaskModule
+from polyformer.tasks.media import Heatmap, Images, Media, MediaRequest, Scalars, Table
 
 Image = np.ndarray  # (H, W, 3) uint8
 
@@ -163,12 +166,12 @@ def group_attention(maps: dict[str, Tensor], layers: list[int] | None, heads: li
 
 # ---- the callback -------------------------------------------------------------------------------------------------
 class TaskMedia(pl.Callback):
-    """Logs per-task media after every `every_n_val`-th validation (the first one included), on rank 0 only.
+    """Logs the task's media after every `every_n_val`-th validation (the first one included), on rank 0 only.
 
     Args:
         every_n_val: log after validation 1, 1 + n, 1 + 2n, ... (sanity checks are skipped); 0 turns media off.
         num_samples: rows of the sample tables (LM continuations, translations, retrieval examples) and images of
-            the misclassified grid.
+            image grids (misclassified images).
         prompts: language-model prompts; None = the task's `samples.prompts`, else the starts of validation texts.
         max_new_tokens, temperature, top_k: sampling of the language-model continuations.
         similarity_size: images x captions of the CLIP similarity matrix.
@@ -194,16 +197,15 @@ class TaskMedia(pl.Callback):
     ) -> None:
         if every_n_val < 0 or num_samples < 1:
             raise ValueError(f"media.every_n_val must be >= 0 and num_samples >= 1, got {every_n_val}, {num_samples}")
-        self.every_n_val, self.num_samples, self.prompts = every_n_val, num_samples, prompts
-        self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
-        self.similarity_size = similarity_size
+        self.every_n_val = every_n_val
+        self.request = MediaRequest(num_samples, list(prompts or []), max_new_tokens, temperature, top_k,
+                                    similarity_size)  # fmt: skip
         self.attention, self.attention_layers, self.attention_heads = attention, attention_layers, attention_heads
         self.max_heads, self.max_attention_tokens = max_heads, max_attention_tokens
         self.validations = 0
         self._active = False
         self._recorder: AttentionRecorder | None = None
         self._batch: Any = None
-        self._similarity: tuple[Tensor, list[str]] | None = None
         self._attention_maps: dict[str, Tensor] = {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -220,13 +222,14 @@ class TaskMedia(pl.Callback):
         self._active = (
             trainer.is_global_zero and bool(media_loggers(trainer)) and (self.validations - 1) % self.every_n_val == 0
         )
-        self._batch, self._similarity, self._attention_maps = None, None, {}
+        self._batch, self._attention_maps = None, {}
 
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         if self._active and self.attention and batch_idx == 0 and dataloader_idx == 0:
-            self._recorder = AttentionRecorder(pl_module, self.max_attention_tokens)
+            model = pl_module.model if isinstance(pl_module, TaskModule) else pl_module
+            self._recorder = AttentionRecorder(model, self.max_attention_tokens)
 
     def on_validation_batch_end(
         self,
@@ -240,107 +243,39 @@ class TaskMedia(pl.Callback):
         if self._recorder is not None:
             self._recorder.remove()
             self._attention_maps, self._recorder = self._recorder.maps, None
-        if not (self._active and batch_idx == 0 and dataloader_idx == 0):
-            return
-        self._batch = _first_rows(batch, max(self.num_samples, self.similarity_size))
-        if hasattr(pl_module, "similarity") and isinstance(batch, dict) and {"image", "text"} <= batch.keys():
-            n = self.similarity_size
-            with torch.no_grad():  # the model's own forward, on this rank's first batch only: no collective
-                sim = pl_module.similarity(batch["image"][:n], batch["text"][:n])
-            tok = getattr(pl_module, "tokenizer", None)
-            captions = _decode(tok, batch["text"][:n]) if tok is not None else [str(i) for i in range(sim.shape[1])]
-            self._similarity = (sim.float().cpu(), captions)
+        if self._active and batch_idx == 0 and dataloader_idx == 0:
+            self._batch = _first_rows(batch, max(self.request.num_samples, self.request.similarity_size))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After the task's on_validation_epoch_end, so its confusion matrix, BLEU signature etc. are up to date.
         if not self._active:
             return
         self._active = False
-        with torch.no_grad():
-            if hasattr(pl_module, "generate_text"):
-                self._language_model(trainer, pl_module)
-            if hasattr(pl_module, "translate") and isinstance(self._batch, dict) and "source" in self._batch:
-                self._translation(trainer, pl_module)
-            if getattr(pl_module, "confusion_matrix", None) is not None:
-                self._classification(trainer, pl_module)
-            if hasattr(pl_module, "similarity"):
-                self._contrastive(trainer, pl_module)
+        if isinstance(pl_module, TaskModule) and self._batch is not None:
+            with torch.no_grad():
+                for item in pl_module.media(self._batch, self.request):
+                    log_media(trainer, item)
         if self._attention_maps:
-            self._attention(trainer)
-        self._batch, self._similarity, self._attention_maps = None, None, {}
+            groups = group_attention(self._attention_maps, self.attention_layers, self.attention_heads, self.max_heads)
+            for key, maps in groups.items():
+                log_images(trainer, f"media/attention/{key}", [attention_grid(maps, f"attention of example 0: {key}")])
+        self._batch, self._attention_maps = None, {}
 
-    # ---- per task ---------------------------------------------------------------------------------------------
-    def _language_model(self, trainer: pl.Trainer, task: Any) -> None:
-        tok = getattr(task, "tokenizer", None)
-        prompts = self.prompts or list(getattr(getattr(task, "samples", None), "prompts", None) or [])
-        if not prompts and tok is not None and isinstance(self._batch, Tensor):
-            prompts = _decode(tok, self._batch[:, :16])  # the starts of validation blocks
-        if not prompts or tok is None:
-            return
-        prompts = prompts[: self.num_samples]
-        texts = task.generate_text(
-            prompts, max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k
-        )
-        log_table(trainer, "media/samples", ["step", "prompt", "continuation"],
-                  [[trainer.global_step, p, t] for p, t in zip(prompts, texts)])  # fmt: skip
 
-    def _translation(self, trainer: pl.Trainer, task: Any) -> None:
-        from sacrebleu.metrics import BLEU
-
-        batch, n = self._batch, self.num_samples
-        source = batch["source"][:n].to(task.device)
-        src_tok = task.source_tokenizer
-        sources = _decode(src_tok, source)
-        hyps = task.tokenizer.decode_batch(task.generate(source))
-        refs = list(batch["references"][:n])
-        bleu = BLEU(effective_order=True)  # sentence BLEU needs effective order: short lines miss 4-grams
-        rows = [[s, r, h, round(bleu.sentence_score(h, [r]).score, 2)] for s, r, h in zip(sources, refs, hyps)]
-        log_table(trainer, "media/translations", ["source", "reference", "hypothesis", "sentence_bleu"], rows)
-        signatures = getattr(task, "signatures", {}) or {}
-        scores = {k: trainer.callback_metrics.get(f"val/{k}") for k in signatures}
-        table = [[k, None if v is None else round(float(v), 2), sig] for k, sig in signatures.items()
-                 for v in [scores[k]]]  # fmt: skip
-        if table:
-            log_table(trainer, "media/sacrebleu", ["metric", "corpus_score", "signature"], table)
-
-    def _classification(self, trainer: pl.Trainer, task: Any) -> None:
-        cm = task.confusion_matrix
-        names = list(getattr(task, "class_names", None) or [str(i) for i in range(cm.shape[0])])
-        log_images(trainer, "media/confusion_matrix", [heatmap(cm, "validation confusion matrix", names, names,
-                   annotate=cm.shape[0] <= 20, xlabel="predicted", ylabel="true")])  # fmt: skip
-        wrong = list(getattr(task, "misclassified", []))[: self.num_samples]
-        if wrong:
-            captions = [f"true {names[m.target]} / predicted {names[m.predicted]} ({m.confidence:.2f})" for m in wrong]
-            log_images(trainer, "media/misclassified", [to_image(m.image) for m in wrong], captions)
-
-    def _contrastive(self, trainer: pl.Trainer, task: Any) -> None:
-        if self._similarity is not None:
-            sim, captions = self._similarity
-            img = heatmap(sim, "image-text similarity (scaled cosine)", captions, [f"image {i}" for i in
-                          range(sim.shape[0])], xlabel="caption", ylabel="image")  # fmt: skip
-            log_images(trainer, "media/similarity", [img])
-        per_class = getattr(task, "zero_shot_per_class", None) or {}
-        if per_class:
-            log_table(trainer, "media/zero_shot_per_class", ["class", "top1"], [[c, a] for c, a in per_class.items()])
-            log_scalars(trainer, {f"val/zero_shot_top1/{c}": a for c, a in per_class.items()})
-        examples = list(getattr(task, "retrieval_examples", None) or [])[: self.num_samples]
-        images = self._batch.get("image") if isinstance(self._batch, dict) else None
-        if examples:
-            rows = []
-            for i, ex in enumerate(examples):
-                # The examples are the first evaluation images in gathered order: rank 0's first batch comes first.
-                pic = to_image(images[i]) if images is not None and i < len(images) else None
-                retrieved = " | ".join(f"{c} ({s:.2f})" for c, s in zip(ex["retrieved"], ex["scores"]))
-                rows.append([pic, ex["caption"], retrieved])
-            columns = ["image", "caption", "retrieved (cosine)"]
-            if any(r[0] is None for r in rows):
-                rows, columns = [r[1:] for r in rows], columns[1:]
-            log_table(trainer, "media/retrieval", columns, rows)
-
-    def _attention(self, trainer: pl.Trainer) -> None:
-        groups = group_attention(self._attention_maps, self.attention_layers, self.attention_heads, self.max_heads)
-        for key, maps in groups.items():
-            log_images(trainer, f"media/attention/{key}", [attention_grid(maps, f"attention of example 0: {key}")])
+def log_media(trainer: pl.Trainer, item: Media) -> None:
+    """Render one media item and log it to every logger that shows its kind."""
+    if isinstance(item, Table):
+        rows = [[to_image(c) if isinstance(c, Tensor) else c for c in row] for row in item.rows]
+        log_table(trainer, f"media/{item.key}", item.columns, rows)
+    elif isinstance(item, Images):
+        log_images(trainer, f"media/{item.key}", [to_image(x) for x in item.images], item.captions)
+    elif isinstance(item, Heatmap):
+        image = heatmap(item.matrix, item.title, item.xlabels, item.ylabels, item.annotate, item.xlabel, item.ylabel)
+        log_images(trainer, f"media/{item.key}", [image])
+    elif isinstance(item, Scalars):
+        log_scalars(trainer, item.values)
+    else:
+        raise TypeError(f"media() returned {type(item).__name__}; expected Table, Images, Heatmap or Scalars")
 
 
 def _first_rows(batch: Any, n: int) -> Any:
@@ -352,19 +287,3 @@ def _first_rows(batch: Any, n: int) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_first_rows(v, n) for v in batch) if not isinstance(batch, str) else batch
     return batch
-
-
-def _decode(tokenizer: Any, ids: Tensor) -> list[str]:
-    """Token rows to text: special tokens dropped, each row cut at its first end-of-text after some text (what
-    follows is padding, whatever id the collate function padded with)."""
-    special, eos = set(getattr(tokenizer, "special_ids", [])), getattr(tokenizer, "eos_id", None)
-    rows = []
-    for row in ids.tolist():
-        kept: list[int] = []
-        for i in row:
-            if i == eos and kept:
-                break
-            if i not in special:
-                kept.append(i)
-        rows.append(kept)
-    return tokenizer.decode_batch(rows)

@@ -30,7 +30,8 @@ def build_from_hparams(cls: type[T], hparams: dict[str, Any]) -> T:
     params = inspect.signature(cls.__init__).parameters
     kwargs = {}
     for name, value in hparams.items():
-        if name not in params or name.startswith("_"):
+        # init_from: the checkpoint's own weights replace the initial ones, which are not fetched again.
+        if name not in params or name.startswith("_") or name == "init_from":
             continue
         hint = hints.get(name)
         for candidate in typing.get_args(hint) or (hint,):  # X | None -> try X
@@ -76,6 +77,7 @@ def load_task(path: str | Path, expected: type[T] | None = None) -> T:
         raise CheckpointError(f"{path} is a {cls.__name__} checkpoint; this command needs a {expected.__name__}")
     task = build_from_hparams(cls, meta["hyper_parameters"])
     task.on_load_checkpoint(ckpt)  # checks the architecture; tasks restore what they keep beside the weights
-    task.configure_model()
+    if not task.build():  # every size is a stored hyperparameter, so the model is normally built by now
+        raise CheckpointError(f"{path} lacks the model sizes {task.missing_sizes()} in its hyperparameters")
     task.load_state_dict(ckpt["state_dict"])
     return task.eval()  # type: ignore[return-value]

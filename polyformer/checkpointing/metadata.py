@@ -15,6 +15,9 @@ still loads and resumes. tests/fixtures/format1/ holds checkpoints of format 1 w
   metric's name, so without the rename a resumed run warns and its checkpoint callback starts with no best score.
   (Other format-1 differences need no step here: optimizer groups without `param_names` load as they are, and
   CLIP's scalar `logit_scale` is reshaped by `CLIP.on_load_checkpoint`, the module that owns it.)
+- 2 -> 3: tasks hold their network as `self.model` (a `polyformer.models` module), so every weight's key gained
+  the prefix `model.` (`embed.weight` -> `model.embed.weight`), in the state dict and in the optimizer groups'
+  `param_names`. Format 2 task state dicts held only the network's weights (metric states are not persistent).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from polyformer.checkpointing.files import CheckpointError
 if TYPE_CHECKING:
     from polyformer.tasks.base import TaskModule
 
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 
 
 def to_primitive(value: Any) -> Any:
@@ -107,7 +110,16 @@ def _from_1(checkpoint: dict[str, Any]) -> None:
                 break
 
 
-_UPGRADES = {1: _from_1}  # format -> the step that makes it format + 1
+def _from_2(checkpoint: dict[str, Any]) -> None:
+    if "state_dict" in checkpoint:
+        checkpoint["state_dict"] = {f"model.{k}": v for k, v in checkpoint["state_dict"].items()}
+    for optimizer in checkpoint.get("optimizer_states", []):
+        for group in optimizer.get("param_groups", []):
+            if "param_names" in group:
+                group["param_names"] = [f"model.{n}" for n in group["param_names"]]
+
+
+_UPGRADES = {1: _from_1, 2: _from_2}  # format -> the step that makes it format + 1
 
 
 def upgrade(checkpoint: dict[str, Any]) -> dict[str, Any]:

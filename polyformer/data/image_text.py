@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from polyformer.data.digits import DIGIT_NAMES, load_digits_split
+from polyformer.data.info import DataInfo
 from polyformer.data.loading import ResumableLoader, eval_loader
 from polyformer.data.tokenizers import Tokenizer, byte_level, pretrained
 
@@ -219,6 +220,14 @@ class ImageTextData(L.LightningDataModule):
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError(f"mean {self.mean} and std {self.std} need one value per channel ({self.channels})")
         self.datasets: dict[str, Dataset] = {}
+
+    def info(self) -> DataInfo:
+        """The tokenizer (chosen at construction), zero-shot classes and prompts, and the image preprocessing."""
+        return DataInfo(
+            tokenizer=self.tokenizer, vocab_size=self.vocab_size, eos_id=self.eos_id,
+            class_names=None if self.class_names is None else tuple(self.class_names), prompts=tuple(self.prompts),
+            image_size=self.image_size, channels=self.channels, mean=self.mean, std=self.std,
+        )  # fmt: skip
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:

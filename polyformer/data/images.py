@@ -30,6 +30,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from polyformer.data.digits import DIGIT_NAMES, load_digits_split
+from polyformer.data.info import DataInfo
 from polyformer.data.loading import ResumableLoader, eval_loader
 
 Source = Literal["digits", "cifar10", "cifar100", "folder", "huggingface"]
@@ -238,7 +239,7 @@ class HFImages(Dataset):
 # ---- the data module --------------------------------------------------------------------------------------------
 class ImageDataModule(L.LightningDataModule):
     """Labelled images for classification. Provides `num_classes`, `image_size`, `channels`, `class_names`,
-    `mean` and `std`, which the task reads (`data_links`), and `denormalize` for callbacks that show images.
+    `mean` and `std`, which the task reads (`info()`), and `denormalize` for callbacks that show images.
 
     Splits: a source's own train/val/test splits where it has them; a missing val split is `val_fraction` of train
     (seeded, stratified), or the test split when val_fraction is 0 (with a warning: model selection on val is then
@@ -458,6 +459,15 @@ class ImageDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return eval_loader(self.splits["test"], self.eval_batch_size, **self._loader_kwargs())
+
+    def info(self) -> DataInfo:
+        """Classes (known after setup for folders and datasets), the image size and channels the model is built
+        for, the normalisation (kept in checkpoints for `polyformer classify`) and its inverse, for media."""
+        names = None if self.class_names is None else tuple(self.class_names)
+        return DataInfo(
+            num_classes=self.num_classes, class_names=names, image_size=self.image_size, channels=self.channels,
+            mean=self.mean, std=self.std, denormalize=self.denormalize,
+        )  # fmt: skip
 
     def denormalize(self, images: Tensor) -> Tensor:
         """Model inputs (B, C, H, W) back to uint8 pixels, for callbacks that log images."""

@@ -28,6 +28,7 @@ import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from polyformer.data.info import DataInfo
 from polyformer.data.loading import ResumableLoader, eval_loader, world_and_rank
 from polyformer.data.tokenizers import Tokenizer, byte_level, pretrained, train_bpe
 
@@ -193,6 +194,11 @@ class TextDataModule(L.LightningDataModule):
         self.vocab_size: int | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+
+    def info(self) -> DataInfo:
+        """The tokenizer (known after setup) and the block size the task's positions must cover."""
+        tok = self.tokenizer
+        return DataInfo(tokenizer=tok, vocab_size=tok.vocab_size if tok else None, block_size=self.block_size)
 
     # ---- sources ----------------------------------------------------------------------------------------------
     @staticmethod

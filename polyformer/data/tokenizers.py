@@ -17,6 +17,7 @@ from pathlib import Path
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
+from torch import Tensor
 
 END_OF_TEXT = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -165,3 +166,19 @@ def pretrained(name_or_path: str) -> Tokenizer:
             f"network once (then it is cached), or give a local tokenizer.json / folder path instead"
         ) from None
     return Tokenizer.load(file)
+
+
+def decode_rows(tokenizer: Tokenizer, ids: Tensor) -> list[str]:
+    """Padded token rows (N, T) to text for display: special tokens dropped, each row cut at its first end-of-text
+    after some text (what follows is padding, whatever id the collate function padded with)."""
+    special, eos = set(tokenizer.special_ids), tokenizer.eos_id
+    rows = []
+    for row in ids.tolist():
+        kept: list[int] = []
+        for i in row:
+            if i == eos and kept:
+                break
+            if i not in special:
+                kept.append(i)
+        rows.append(kept)
+    return tokenizer.decode_batch(rows)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from polyformer.data.info import DataInfo
 from polyformer.data.loading import EpochSampler, ResumableLoader, eval_loader, world_and_rank
 from polyformer.data.number_corpus import number_corpus
 from polyformer.data.tokenizers import Tokenizer, pretrained, train_bpe
@@ -233,12 +234,19 @@ class TranslationData(L.LightningDataModule):
         self.datasets: dict[str, ParallelDataset] = {}
 
     @property
-    def vocab_size(self) -> int | None:  # linked into the model
+    def vocab_size(self) -> int | None:
         return self.tokenizer.vocab_size if self.tokenizer else None
 
     @property
     def source_vocab_size(self) -> int | None:
         return self.source_tokenizer.vocab_size if self.source_tokenizer else None
+
+    def info(self) -> DataInfo:
+        """Both tokenizers and their vocabulary sizes, known after setup (the BPE is trained there)."""
+        return DataInfo(
+            tokenizer=self.tokenizer, source_tokenizer=self.source_tokenizer, vocab_size=self.vocab_size,
+            source_vocab_size=self.source_vocab_size, eos_id=self.tokenizer.eos_id if self.tokenizer else None,
+        )  # fmt: skip
 
     def raw_splits(self) -> dict[str, tuple[list[str], list[str]]]:
         hp = self.hparams

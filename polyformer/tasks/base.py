@@ -1,5 +1,6 @@
-"""What every task shares: the optimizer and its schedule, data-linked sizes, compile / activation-checkpointing
-switches, and the checkpoint hooks (what they write and check is `polyformer.checkpointing.metadata`).
+"""What every task shares: the model it holds and when that is built (sizes from the data module's `DataInfo`),
+the optimizer and its schedule, compile / activation checkpointing applied to the model from outside, the `media`
+contract, and the checkpoint hooks (what they write and check is `polyformer.checkpointing.metadata`).
 
 Optimizer recipe: AdamW (Loshchilov & Hutter 2019) with the paper's betas (0.9, 0.98) and eps 1e-9 as defaults,
 weight decay on matrices only, linear warmup then cosine decay to a floor, or the paper's inverse-sqrt schedule.
@@ -26,6 +27,8 @@ from torch.utils.checkpoint import checkpoint
 
 from polyformer.backbone import Block, TokenEmbedding, Transformer
 from polyformer.checkpointing.metadata import check_compatible, write_metadata
+from polyformer.data.info import DataInfo, ProvidesDataInfo
+from polyformer.tasks.media import Media, MediaRequest
 
 
 @dataclass
@@ -111,62 +114,94 @@ def _recompute(block: nn.Module, *args: Any, cache: Any = None, **kwargs: Any) -
 
 
 class TaskModule(L.LightningModule):
-    """Base of every task. Subclasses call `super().__init__(...)`, then `self.save_hyperparameters()`, and
-    build their modules in `build()`, which runs once sizes linked from the data module are known."""
+    """Base of every task: a LightningModule that holds a plain-PyTorch model (`polyformer.models`) as `self.model`
+    and owns the loss, metrics, decoding calls, logging and what goes into checkpoints.
 
-    # Constructor arguments that default to None and are read from the data module's attribute of the same name.
-    data_links: tuple[str, ...] = ()
+    The model is built as soon as every size it needs is known: in `__init__` when the config gives them, else in
+    `configure_model()` after `setup()` took them from the data module's `info()` (`connect_data`). Subclasses call
+    `super().__init__(...)`, `self.save_hyperparameters()`, set their fields, and end `__init__` with `self.build()`.
+    """
+
     # Hyperparameters (flattened, prefix match) that must agree between a checkpoint and the model loading it;
     # regularisation may change between pre-training and fine-tuning.
     architecture_hparams: tuple[str, ...] = ("backbone",)
     not_architecture: tuple[str, ...] = ("dropout", "attention_dropout")
 
     def __init__(
-        self, optimizer: OptimizerConfig | None = None, compile: bool = False, activation_checkpointing: bool = False
+        self,
+        optimizer: OptimizerConfig | None = None,
+        compile: bool = False,
+        activation_checkpointing: bool = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.optim_cfg = optimizer or OptimizerConfig()
         self.compile_backbone = compile
         self.activation_checkpointing = activation_checkpointing
-        self._built = False
+        # Where the first weights come from: a .ckpt of ours, hf:<name|folder>, timm:<name>, open_clip:<name>
+        # (`polyformer.weights.load_weights`); None = this task's initialisation.
+        self.init_from = init_from
+        self.model: nn.Module | None = None
 
     # ---- building ---------------------------------------------------------------------------------------------
-    def build(self) -> None:
-        """Create the modules; every `data_links` attribute is set by now."""
+    def missing_sizes(self) -> list[str]:
+        """Constructor arguments the model needs that are still unset (the data module may provide them)."""
+        return []
+
+    def build_model(self) -> nn.Module:
+        """The task's model, from its now complete config."""
         raise NotImplementedError
 
-    def link_from_data(self, datamodule: Any) -> None:
-        for name in self.data_links:
-            if getattr(self, name, None) is None:
-                value = getattr(datamodule, name, None)
-                if value is None:
-                    raise ValueError(
-                        f"{type(self).__name__}.{name} is not set and the data module "
-                        f"{type(datamodule).__name__} does not provide it; set --model.{name}"
-                    )
-                setattr(self, name, value)
-                self.hparams[name] = value
-                # Lightning compares the model's and data module's *initial* hparams: keep them in step too.
-                self._hparams_initial[name] = value
+    def connect_data(self, info: DataInfo) -> None:
+        """Take sizes, tokenizers and what inference needs from the data module feeding this task."""
+
+    def link(self, name: str, value: Any) -> None:
+        """Set an unset constructor argument from the data. It then counts as a hyperparameter like the others:
+        checkpoints store it and `load_task` rebuilds the model with it."""
+        if getattr(self, name) is None and value is not None:
+            setattr(self, name, value)
+            self.hparams[name] = value
+
+    def build(self) -> bool:
+        """Build the model (and load `init_from`) once every size is known; True when the model exists."""
+        if self.model is None and not self.missing_sizes():
+            self.model = self.build_model()
+            if self.init_from:
+                from polyformer.weights import load_weights
+
+                load_weights(self.model, self.init_from)
+        return self.model is not None
 
     def setup(self, stage: str) -> None:
-        if self._trainer is not None and self.trainer.datamodule is not None:
-            self.link_from_data(self.trainer.datamodule)
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if isinstance(dm, ProvidesDataInfo):
+            self.connect_data(dm.info())
 
     def configure_model(self) -> None:
         # Runs after setup and inside the strategy's context, so FSDP can shard and compile wraps the real modules.
-        if self._built:
-            return
-        self.build()
-        self._built = True
-        if self.activation_checkpointing and not any(isinstance(m, CheckpointWrapper) for m in self.modules()):
+        if not self.build():
+            dm = self.trainer.datamodule if self._trainer is not None else None
+            where = f"the data module {type(dm).__name__} does not provide them" if dm is not None else "no data"
+            raise ValueError(
+                f"{type(self).__name__} needs {', '.join(self.missing_sizes())} and {where}; set "
+                + ", ".join(f"--model.{name}" for name in self.missing_sizes())
+            )
+        assert self.model is not None
+        if self.activation_checkpointing and not any(isinstance(m, CheckpointWrapper) for m in self.model.modules()):
             # Each block is wrapped from outside, the backbone has no flag; state_dict keys stay the same (the
             # wrapper's hooks drop its prefix), so checkpoints load with or without it.
             wrap = partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT, checkpoint_fn=_recompute)
-            apply_activation_checkpointing(self, checkpoint_wrapper_fn=wrap, check_fn=lambda m: isinstance(m, Block))
-        for m in self.modules():
+            is_block = lambda m: isinstance(m, Block)  # noqa: E731
+            apply_activation_checkpointing(self.model, checkpoint_wrapper_fn=wrap, check_fn=is_block)
+        for m in self.model.modules():
             if isinstance(m, Transformer) and self.compile_backbone:
                 m.compile()  # in place: state_dict keys stay the same, and DDP/FSDP wrap the compiled module
+
+    # ---- media ------------------------------------------------------------------------------------------------
+    def media(self, batch: Any, request: MediaRequest) -> list[Media]:
+        """What to show on a dashboard after validation, from the first rows of this rank's first validation batch
+        (on the CPU). Called on global rank 0 only: it must not call a collective."""
+        return []
 
     # ---- optimisation -----------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
@@ -203,3 +238,4 @@ class TaskModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_compatible(self, checkpoint)
+        self.init_from = None  # the checkpoint's weights replace the initial ones: don't fetch those again

@@ -1,1 +1,91 @@
-"""Converters from reference implementations' weights to ours: one `convert_*` function per source."""
+"""Weights from other places into polyformer's models, one way for every task: `load_weights(model, source)`.
+
+`source` names where the weights come from by scheme, and the model's type picks the converter:
+- `path/to/file.ckpt`: a polyformer checkpoint (any task whose model has the same architecture);
+- `hf:<hub name | save_pretrained folder>`: transformers weights (GPT-2 into a `GPT`, `CLIPModel` into a `CLIP`);
+- `timm:<model name>[@<weights file>]`: a timm VisionTransformer into a `ViT`;
+- `open_clip:<model name>[@<pretrained tag | weights file>]`: an open_clip CLIP into a `CLIP`.
+
+Each source's module has `convert_<source>(state_dict, ...) -> (config, state_dict)`, importing no task: the config
+is what the source's weights say about the architecture, checked against the model's by `check_fits` (one message
+naming every field to change), the state dict is in the model's own keys. Downloads fail offline with a
+ConnectionError that says so; a local file or folder always works.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from torch import Tensor, nn
+
+SCHEMES = ("hf", "timm", "open_clip")
+
+# (scheme, model class name) -> "module:function" taking (name, model) and returning the model's full state dict.
+_LOADERS = {
+    ("hf", "GPT"): "polyformer.weights.gpt2:load_hf_gpt2",
+    ("hf", "CLIP"): "polyformer.weights.open_clip:load_hf_clip",
+    ("open_clip", "CLIP"): "polyformer.weights.open_clip:load_open_clip",
+    ("timm", "ViT"): "polyformer.weights.timm_vit:load_timm_vit",
+}
+
+
+def parse_source(source: str) -> tuple[str, str]:
+    """ "hf:gpt2" -> ("hf", "gpt2"); "runs/x/last.ckpt" -> ("ckpt", "runs/x/last.ckpt")`."""
+    if source.endswith(".ckpt"):
+        return "ckpt", source
+    scheme, sep, name = source.partition(":")
+    if not sep or scheme not in SCHEMES or not name:
+        raise ValueError(
+            f"init_from={source!r} names no weight source: use a polyformer .ckpt file, hf:<hub name or local "
+            "save_pretrained folder> (e.g. hf:gpt2), timm:<model name> (e.g. timm:vit_small_patch16_224) or "
+            "open_clip:<model name>[@<pretrained tag or file>] (e.g. open_clip:ViT-B-32@openai)"
+        )
+    return scheme, name
+
+
+def load_weights(model: nn.Module, source: str) -> None:
+    """Load `source` (see the module docstring) into `model`, in place; every weight of the model is set."""
+    scheme, name = parse_source(source)
+    if scheme == "ckpt":
+        state = checkpoint_model_state(name)
+    else:
+        target = _LOADERS.get((scheme, type(model).__name__))
+        if target is None:
+            fits = sorted(s for s, cls in _LOADERS if cls == type(model).__name__)
+            raise ValueError(
+                f"init_from={source!r}: {scheme}: weights cannot initialise a {type(model).__name__}; this model "
+                f"takes {', '.join(f'{s}:' for s in fits) or 'no foreign weights'} or a .ckpt"
+            )
+        module, _, function = target.partition(":")
+        state = getattr(importlib.import_module(module), function)(name, model)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # missing / unexpected keys or other shapes: the weights are of another model
+        detail = " ".join(str(e).split())
+        raise ValueError(f"init_from={source!r} does not fit this model: {detail[:600]}") from None
+
+
+def checkpoint_model_state(path: str) -> dict[str, Tensor]:
+    """The model weights of a polyformer checkpoint (read safely, upgraded to the current format)."""
+    from polyformer.checkpointing.files import load_checkpoint
+    from polyformer.checkpointing.metadata import upgrade
+
+    state = upgrade(load_checkpoint(path))["state_dict"]
+    return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+
+
+def check_fits(ours: dict[str, Any], theirs: dict[str, Any], source: str) -> None:
+    """ValueError naming every config key whose value here differs from what the weights need. Both dicts map
+    dotted config keys under `model.` (e.g. "backbone.width") to values; keys only in `ours` are not checked."""
+    wrong = [f"--model.{k}={theirs[k]!r} (here {ours[k]!r})" for k in theirs if k in ours and ours[k] != theirs[k]]
+    if wrong:
+        raise ValueError(f"the weights {source!r} need another architecture: set " + ", ".join(wrong))
+
+
+def zero_bias(state: dict[str, Tensor], weight_key: str) -> None:
+    """Give a bias-free reference layer (CLIP's patch convolution, pre-norm timm ViTs) the zero bias our layer has:
+    the same function."""
+    bias_key = weight_key.removesuffix("weight") + "bias"
+    if weight_key in state and bias_key not in state:
+        state[bias_key] = state[weight_key].new_zeros(state[weight_key].shape[0])
