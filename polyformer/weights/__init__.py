@@ -31,7 +31,7 @@ _LOADERS = {
 
 
 def parse_source(source: str) -> tuple[str, str]:
-    """ "hf:gpt2" -> ("hf", "gpt2"); "runs/x/last.ckpt" -> ("ckpt", "runs/x/last.ckpt")`."""
+    """The scheme and the name after it: `hf:gpt2` -> ("hf", "gpt2"); `runs/x/last.ckpt` -> ("ckpt", the path)."""
     if source.endswith(".ckpt"):
         return "ckpt", source
     scheme, sep, name = source.partition(":")
