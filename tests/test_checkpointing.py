@@ -63,11 +63,11 @@ def test_format1_lm_loads_and_generates():
 def test_format1_clip_with_a_scalar_logit_scale_loads():
     assert read_checkpoint(FORMAT1 / "clip.ckpt")["state_dict"]["logit_scale"].ndim == 0  # the old layout
     model = load_task(FORMAT1 / "clip.ckpt", expected=CLIP)
-    assert model.logit_scale.shape == (1,)
+    assert model.model.logit_scale.shape == (1,)
     probs = model.score(torch.randn(2, 1, 8, 8), ["a photo of the digit 3", "a photo of the digit 7"])
     assert probs.shape == (2, 2) and torch.isfinite(probs).all()
     assert torch.allclose(probs.sum(-1), torch.ones(2))
-    assert math.isfinite(model.scale().item())
+    assert math.isfinite(model.model.scale().item())
 
 
 def test_format1_callback_states_are_found_under_todays_keys():
@@ -79,6 +79,30 @@ def test_format1_callback_states_are_found_under_todays_keys():
     assert today.state_key in ckpt["callbacks"], list(ckpt["callbacks"])
     assert ckpt["callbacks"][today.state_key]["monitor"] == "val/loss"
     assert "RNGState" in ckpt["callbacks"]  # keyed by class name: unchanged by the move into this package
+
+
+def test_format1_and_2_weights_move_under_the_model_prefix():
+    """Format 3: tasks hold their network as `self.model`, so every stored weight gains `model.`; the weights the
+    task loads are exactly the fixture's."""
+    old = load_checkpoint(FORMAT1 / "lm.ckpt")
+    old_state = dict(old["state_dict"])
+    new = upgrade(old)
+    assert set(new["state_dict"]) == {f"model.{k}" for k in old_state}
+    # Format 2 optimizer groups name their parameters (format 1's do not): the names follow the weights.
+    format2 = {
+        "polyformer": {"format": 2, "task": "polyformer.tasks.language_model.LanguageModel"},
+        "state_dict": {"embed.weight": torch.zeros(1)},
+        "optimizer_states": [{"param_groups": [{"param_names": ["embed.weight", "backbone.norm.bias"]}]}],
+    }
+    upgraded = upgrade(format2)
+    assert list(upgraded["state_dict"]) == ["model.embed.weight"]
+    assert upgraded["optimizer_states"][0]["param_groups"][0]["param_names"] == [
+        "model.embed.weight",
+        "model.backbone.norm.bias",
+    ]
+    task = load_task(FORMAT1 / "lm.ckpt", expected=LanguageModel)
+    for key, value in old_state.items():
+        assert torch.equal(task.state_dict()[f"model.{key}"], value), key
 
 
 def test_a_checkpoint_of_a_newer_format_is_refused(tmp_path):
@@ -102,3 +126,4 @@ def test_format1_lm_resumes_through_the_cli(tmp_path):
     assert ckpt["polyformer"]["format"] == CHECKPOINT_FORMAT
     assert ckpt["optimizer_states"][0]["state"][0]["step"].item() == 3  # Adam's moments continued, not restarted
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert all(k.startswith("model.") for k in ckpt["state_dict"]), list(ckpt["state_dict"])[:5]

@@ -119,3 +119,86 @@ def test_the_import_probe_sees_benchmarks_and_tests(tmp_path: Path) -> None:
     result = _probe(tmp_path, "polyformer.backbone", "benchmarks.timing", "golden")
     assert result["failed"] == {} and {"benchmarks.timing", "golden"} <= result["outside"].keys(), result
     assert not any(name.startswith("polyformer") for name in result["outside"]), result
+
+
+# ---- layers: backbone <- models <- tasks ------------------------------------------------------------------------
+# In a fresh interpreter: import the plain-PyTorch layers, build every model from its config, run a forward and a
+# backward pass, and report which third-party top-level packages got loaded. Lightning (and torchmetrics, which
+# Lightning's tasks use) must not be among them: a model is usable from a notebook, an export script or another
+# trainer without our training stack.
+_LAYERS_PROBE = """
+import json, sys
+import torch
+import polyformer.backbone, polyformer.models
+from polyformer.backbone import TransformerConfig
+from polyformer.models.gpt import GPT, GPTConfig
+from polyformer.models.encoder_decoder import EncoderDecoder, EncoderDecoderConfig
+from polyformer.models.vit import ViT, ViTConfig
+from polyformer.models.clip import CLIP, CLIPConfig, ImageEncoderConfig, TextEncoderConfig
+
+torch.manual_seed(0)
+small = dict(width=16, depth=1, heads=2, dropout=0.0)
+gpt = GPT(GPTConfig(TransformerConfig(**small, position="learned", max_len=8, causal=True), vocab_size=50))
+seq2seq = EncoderDecoder(EncoderDecoderConfig(TransformerConfig(**small), vocab_size=40, source_vocab_size=40))
+vit = ViT(ViTConfig(TransformerConfig(**small), image_size=8, patch_size=4, channels=1, num_classes=3))
+clip = CLIP(CLIPConfig(
+    image=ImageEncoderConfig(backbone=TransformerConfig(**small, position="none"), image_size=8, patch_size=4,
+                             channels=1),
+    text=TextEncoderConfig(backbone=TransformerConfig(**small, position="learned", max_len=6, causal=True)),
+    embed_dim=8, vocab_size=30, eos_id=1))
+tokens, images = torch.randint(2, 30, (2, 6)), torch.randn(2, 1, 8, 8)
+outputs = {
+    "gpt": gpt(tokens),
+    "encoder_decoder": seq2seq(tokens, tokens != 0, tokens),
+    "vit": vit(images),
+    "clip": torch.cat([t.flatten() for t in clip(images, tokens)]),
+}
+grads = {}
+for name, (model, out) in zip(outputs, [(gpt, outputs["gpt"]), (seq2seq, outputs["encoder_decoder"]),
+                                        (vit, outputs["vit"]), (clip, outputs["clip"])]):
+    out.float().square().mean().backward()
+    grads[name] = all(p.grad is not None for p in model.parameters() if p.requires_grad)
+loaded = sorted({m.split(".")[0] for m in sys.modules})
+print(json.dumps({"grads": grads, "loaded": loaded}))
+"""
+
+
+def test_backbone_and_models_run_without_lightning(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _LAYERS_PROBE], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["grads"] == {"gpt": True, "encoder_decoder": True, "vit": True, "clip": True}, result["grads"]
+    training_stack = {"lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics", "wandb"}
+    assert not training_stack & set(result["loaded"]), sorted(training_stack & set(result["loaded"]))
+
+
+def _imports_of(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module if node.level == 0 else f"polyformer.{path.parent.name}.{node.module}")
+    return found
+
+
+def test_each_layer_imports_only_the_layers_below_it() -> None:
+    """backbone: torch only; models: torch + backbone + models; weights: no task (the old timm_vit cycle)."""
+    allowed = {
+        "backbone": ("torch", "polyformer.backbone", "__future__", "math", "dataclasses", "typing", "collections"),
+        "models": ("torch", "polyformer.backbone", "polyformer.models", "__future__", "math", "dataclasses", "typing"),
+    }
+    problems = []
+    for layer, prefixes in allowed.items():
+        for file in sorted((PACKAGE / layer).glob("*.py")):
+            for name in _imports_of(file):
+                if not any(name == p or name.startswith(p + ".") for p in prefixes):
+                    problems.append(f"{file.relative_to(ROOT)} imports {name}")
+    for file in sorted((PACKAGE / "weights").glob("*.py")):
+        problems += [
+            f"{file.relative_to(ROOT)} imports {n}" for n in _imports_of(file) if n.startswith("polyformer.tasks")
+        ]
+    assert problems == [], "\n".join(problems)

@@ -20,6 +20,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from polyformer.tasks.base import TaskModule
+
 
 class NonFiniteLossError(RuntimeError):
     pass
@@ -43,7 +45,8 @@ def out_of_memory_hint(trainer: L.Trainer | None) -> str:
     batch = getattr(trainer.datamodule, "batch_size", None)
     accumulate = trainer.accumulate_grad_batches
     precision = str(trainer.precision)
-    checkpointing = getattr(trainer.lightning_module, "activation_checkpointing", None)
+    task = trainer.lightning_module
+    checkpointing = task.activation_checkpointing if isinstance(task, TaskModule) else None
     knobs = [
         f"lower data.batch_size (now {batch}"
         + (f", e.g. {batch // 2})" if batch and batch > 1 else ")")

@@ -26,6 +26,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from lightning.pytorch.strategies import FSDPStrategy, Strategy
 from torch import Tensor
 
+from polyformer.tasks.base import TaskModule
+
 try:
     from lightning.pytorch.strategies import ModelParallelStrategy
 except ImportError:  # older Lightning
@@ -175,8 +177,7 @@ def global_grad_norm(
 def set_flops(pl_module: pl.LightningModule, batch: Any, training: bool) -> None:
     """Lightning's monitor reads one `flops_per_batch` attribute after each batch: refresh it from the task for this
     batch's shapes. Evaluation runs the forward pass only, a third of a training step."""
-    flops = getattr(pl_module, "training_flops", None)
-    if callable(flops) and (value := flops(batch)) is not None:
+    if isinstance(pl_module, TaskModule) and (value := pl_module.training_flops(batch)) is not None:
         pl_module.flops_per_batch = value if training else value / 3
 
 

@@ -14,6 +14,8 @@ from polyformer.backbone import TransformerConfig
 from polyformer.callbacks.media import TaskMedia, group_attention
 from polyformer.callbacks.stats import LearningRate, TrainingStats, token_count
 from polyformer.loggers import RunMetadata, WandbLogger
+from polyformer.tasks.base import TaskModule
+from polyformer.tasks.media import Heatmap, Images, Scalars, Table
 
 TINY = dict(width=32, depth=2, heads=2, dropout=0.0)
 
@@ -148,35 +150,101 @@ def test_attention_recorder_recomputes_maps_from_hooked_inputs_and_leaves_the_mo
     torch.manual_seed(0)
     cfg = TransformerConfig(**TINY, position="rotary", causal=True)
     task = LanguageModel(cfg, vocab_size=40, activation_checkpointing=True)  # wrapped blocks: names are cleaned
-    task.configure_model()
+    task.configure_model()  # applies the checkpoint wrappers (the model itself was built in __init__)
     task.eval()
+    model = task.model
     tokens, pad = torch.randint(0, 40, (3, 6)), torch.ones(3, 6, dtype=torch.bool)
     pad[0, 4:] = False
     with torch.no_grad():
         expected_logits = task(tokens, padding_mask=pad)
-        recorder = AttentionRecorder(task, max_tokens=5)
+        recorder = AttentionRecorder(model, max_tokens=5)
         logits = task(tokens, padding_mask=pad)
         recorder.remove()
     assert torch.equal(logits, expected_logits)  # hooks only read
     assert not any(m._forward_hooks for m in task.modules())
     assert sorted(recorder.maps) == ["backbone.blocks.0.attn", "backbone.blocks.1.attn"]
     # Layer 0 by hand: its attention sees norm1 of the embeddings, the padding mask and rotary positions.
-    block = task.backbone.blocks[0]
+    block = model.backbone.blocks[0]
     mask = build_mask(6, 6, causal=True, window=None, padding_mask=pad, device=tokens.device)
-    rope = task.backbone.rope(torch.arange(6)[None])
+    rope = model.backbone.rope(torch.arange(6)[None])
     with torch.no_grad():
-        hand = attention_weights(block.attn, block.norm1(task.embed(tokens)), mask=mask, rope=rope)[0, :, :5, :5]
+        hand = attention_weights(block.attn, block.norm1(model.embed(tokens)), mask=mask, rope=rope)[0, :, :5, :5]
     torch.testing.assert_close(recorder.maps["backbone.blocks.0.attn"], hand)
     assert (hand[:, :, 4] == 0).all() and (hand.triu(1) == 0).all()  # a padded key, and the future, get no weight
 
     # Cached decoding steps and weights over the size limit are not recorded.
     decode, full = lambda: task.generate([[1, 2]], max_new_tokens=2), lambda: task(tokens)
     for kwargs, run in (({}, decode), ({"max_elements": 10}, full)):
-        recorder = AttentionRecorder(task, max_tokens=5, **kwargs)
+        recorder = AttentionRecorder(model, max_tokens=5, **kwargs)
         with torch.no_grad():
             run()
         recorder.remove()
         assert recorder.maps == {}
+
+
+class Shows(TaskModule):
+    """A task the callback has never heard of: a linear model and one media item of every kind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.build()
+
+    def build_model(self) -> torch.nn.Module:
+        return torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.model(batch[0]).square().mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.model(batch[0]).square().mean())
+
+    def media(self, batch, request):
+        x = batch[0]
+        return [
+            Table("rows", ["n", "picture"], [[len(x), torch.rand(1, 4, 4)]]),
+            Images("pictures", [torch.rand(3, 5, 5)], ["a caption"]),
+            Heatmap("matrix", x[:3].T @ x[:3], "x x^T", annotate=True),
+            Scalars({"shown/batch_rows": float(len(x))}),
+        ]
+
+
+def test_the_callback_logs_whatever_a_task_returns_from_media(tmp_path):
+    """The contract is the method, not the task: an unknown task's Table, Images, Heatmap and Scalars all reach
+    TensorBoard, with the first rows of the first validation batch (num_samples) given to media()."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(torch.randn(16, 4)), batch_size=8)
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    trainer = L.Trainer(
+        max_steps=2, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0, accelerator="cpu",
+        logger=tb, callbacks=[TaskMedia(num_samples=3, similarity_size=2, attention=False)], default_root_dir=tmp_path,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.fit(Shows(), loader, loader)
+    events = EventAccumulator(tb.log_dir, size_guidance={"images": 0, "tensors": 0, "scalars": 0}).Reload()
+    tags = events.Tags()
+    assert {"media/pictures/0", "media/matrix/0"} <= set(tags["images"]), tags["images"]
+    assert any("media/rows" in t for t in tags["tensors"]), tags["tensors"]  # add_text is stored as a tensor
+    assert [e.value for e in events.Scalars("shown/batch_rows")] == [3.0]
+
+
+def test_the_media_callback_knows_no_task():
+    """No task is recognised by its attributes any more: the callbacks never probe a module by name."""
+    import ast
+    from pathlib import Path
+
+    import polyformer.callbacks as callbacks
+
+    probes = []
+    for file in sorted(Path(callbacks.__path__[0]).glob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("hasattr", "getattr"):
+                target = ast.unparse(node.args[0]) if node.args else ""
+                if target in ("pl_module", "task", "model", "trainer.lightning_module"):
+                    probes.append(f"{file.name}:{node.lineno}: {ast.unparse(node)}")
+    assert probes == [], probes
 
 
 def test_token_count():
