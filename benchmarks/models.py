@@ -4,7 +4,8 @@ sequence length or image size and batch, each peer built from its own package wi
 Sizes: "micro" (seconds, for the tests), "tiny" (CPU, fp32, 2 threads), "base" (GPU: GPT-2 124M, ViT-S/16,
 CLIP ViT-B/32, transformer-base). Dropout is 0 on both sides (nanoGPT, timm and open_clip pretraining defaults).
 
-Ours is the task's real model: the task class built with `configure_model()`, called through its own forward.
+Ours is the task's real model: the task class (its `polyformer.models` network, built in `__init__`), called
+through its own forward.
 Every contender gets the same loss on its logits (or embeddings), so the loss code does not decide the result; for
 CLIP that is the task's own `contrastive_loss`. A case's FLOPs are our task's `training_flops`, the count the
 training logs use for MFU.
@@ -206,8 +207,7 @@ class _Tokenizer:
 
 
 def _built(task: nn.Module, device: torch.device) -> nn.Module:
-    task.configure_model()
-    return task.to(device)
+    return task.to(device)  # every size is given, so the task built its model in __init__
 
 
 def _flops(ours: nn.Module, batch: Any) -> float:

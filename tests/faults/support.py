@@ -97,7 +97,7 @@ class NaNLanguageModel(LanguageModel):
         if self.trainer.global_step in self.nan_steps and self.nan_rank in (None, self.global_rank):
             if self.nan_in == "loss":
                 return loss + torch.tensor(float("nan"))
-            w = self.head.weight
+            w = self.model.head.weight
             return loss + 0.0 * torch.sqrt((w - w.detach()).sum())  # forward adds 0; backward gives NaN
         return loss
 

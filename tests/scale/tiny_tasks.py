@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from polyformer.backbone import TransformerConfig
 from polyformer.tasks.base import TaskModule
-from polyformer.tasks.contrastive import CLIP, ImageEncoderConfig, TextEncoderConfig
+from polyformer.models.clip import ImageEncoderConfig, TextEncoderConfig
+from polyformer.tasks.contrastive import CLIP
 from polyformer.tasks.image_classification import ImageClassifier
 from polyformer.tasks.language_model import LanguageModel
 from polyformer.tasks.translation import Translation
@@ -22,7 +23,4 @@ def tiny_tasks() -> dict[str, TaskModule]:
         text=TextEncoderConfig(backbone=TransformerConfig(**W, position="learned", max_len=8, causal=True)),
         embed_dim=8, vocab_size=30, eos_id=29,
     )  # fmt: skip
-    tasks: dict[str, TaskModule] = {"lm": lm, "vit": vit, "translation": mt, "clip": clip}
-    for task in tasks.values():
-        task.configure_model()
-    return tasks
+    return {"lm": lm, "vit": vit, "translation": mt, "clip": clip}

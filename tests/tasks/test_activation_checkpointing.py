@@ -135,7 +135,7 @@ def test_torch_wrapper_alone_runs_once_under_no_grad_and_inference_mode():
 
 
 def cached_decode(task: LanguageModel, tokens: Tensor) -> tuple[Tensor, list]:
-    cache = task.backbone.new_cache()
+    cache = task.model.new_cache()
     steps = [task(tokens[:, :4], cache=cache)] + [task(tokens[:, i : i + 1], cache=cache) for i in range(4, 9)]
     return torch.cat(steps, dim=1), cache
 
@@ -172,4 +172,4 @@ def test_configure_model_wraps_once():
     task = language_model(True)
     task.configure_model()
     assert sum(isinstance(m, CheckpointWrapper) for m in task.modules()) == 2
-    assert not any(isinstance(m._checkpoint_wrapped_module, CheckpointWrapper) for m in task.backbone.blocks)
+    assert not any(isinstance(m._checkpoint_wrapped_module, CheckpointWrapper) for m in task.model.backbone.blocks)

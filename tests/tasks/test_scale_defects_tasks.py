@@ -44,16 +44,15 @@ def test_clip_logit_scale_above_the_cap_still_gets_a_gradient():
     data = ImageTextData(batch_size=8, context_length=32)
     data.setup("fit")
     model = small_clip(vocab_size=data.vocab_size, eos_id=data.eos_id)
-    model.configure_model()
     cap = math.log(model.max_logit_scale)
     with torch.no_grad():
-        model.logit_scale.fill_(cap + 1.0)  # e.g. a large learning rate pushed it past the cap
+        model.model.logit_scale.fill_(cap + 1.0)  # e.g. a large learning rate pushed it past the cap
     batch = next(iter(data.train_dataloader()))
     model.training_step(batch, 0).backward()
     # A clamp inside the forward pass gives exactly 0 here, and the parameter could never move again.
-    assert model.logit_scale.grad is not None and model.logit_scale.grad.abs().item() > 0
+    assert model.model.logit_scale.grad is not None and model.model.logit_scale.grad.abs().item() > 0
     # Evaluation and `score` still never use a scale beyond the cap (say, from an old checkpoint).
-    assert model.scale().item() == pytest.approx(model.max_logit_scale)
+    assert model.model.scale().item() == pytest.approx(model.max_logit_scale)
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
@@ -69,13 +68,13 @@ def test_clip_logit_scale_is_clamped_in_place_after_every_optimizer_step(tmp_pat
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             with torch.no_grad():
-                pl_module.logit_scale.fill_(cap + 1.0)
+                pl_module.model.logit_scale.fill_(cap + 1.0)
 
     class Record(L.Callback):
         # Callbacks' on_train_batch_end run before the module's: a checkpoint saved there must already be clamped.
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if (batch_idx + 1) % accumulate == 0:
-                seen.append(pl_module.logit_scale.item())
+                seen.append(pl_module.model.logit_scale.item())
 
     trainer = L.Trainer(
         max_steps=3, accumulate_grad_batches=accumulate, limit_val_batches=0, logger=False,
@@ -85,7 +84,7 @@ def test_clip_logit_scale_is_clamped_in_place_after_every_optimizer_step(tmp_pat
     trainer.fit(model, ImageTextData(batch_size=16, context_length=32))
     assert len(seen) == 3
     assert all(v <= cap + 1e-6 for v in seen), (seen, cap)  # including the last step's
-    assert model.logit_scale.item() <= cap + 1e-6
+    assert model.model.logit_scale.item() <= cap + 1e-6
 
 
 # ---- 2. the CIFAR-10 preset selects its checkpoint on a held-out validation split ------------------------------
@@ -186,9 +185,8 @@ def test_mixup_loss_is_fp32_under_cpu_bf16_autocast():
         backbone=TransformerConfig(width=32, depth=2, heads=2, dropout=0.0), patch_size=2, num_classes=10,
         image_size=8, channels=1, mean=(0.5,), std=(0.5,), mixup=MixupConfig(), label_smoothing=0.1,
     )  # fmt: skip
-    task.configure_model()
     with torch.no_grad():
-        torch.nn.init.normal_(task.head.weight, std=1.0)  # logits of a few units: bf16 rounds them visibly
+        torch.nn.init.normal_(task.model.head.weight, std=1.0)  # logits of a few units: bf16 rounds them visibly
     seen: dict[str, torch.Tensor] = {}
     mix = task.mixup
 
@@ -197,7 +195,7 @@ def test_mixup_loss_is_fp32_under_cpu_bf16_autocast():
         return seen["images"], seen["soft"]
 
     task.mixup = record_mixup
-    task.head.register_forward_hook(lambda module, args, out: seen.__setitem__("logits", out))
+    task.model.head.register_forward_hook(lambda module, args, out: seen.__setitem__("logits", out))
     np.random.seed(0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = task.training_step((torch.randn(8, 1, 8, 8), torch.arange(8) % 10), 0)

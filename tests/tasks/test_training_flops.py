@@ -22,7 +22,6 @@ CFG = dict(width=32, heads=4, dropout=0.0)
 
 def language_model():
     task = LanguageModel(backbone=TransformerConfig(depth=2, causal=True, max_len=64, **CFG), vocab_size=100)
-    task.configure_model()
     batch = torch.randint(0, 100, (3, 17))
     return task, batch, lambda: task.token_losses(batch)[0].mean()
 
@@ -30,7 +29,6 @@ def language_model():
 def vit():
     task = ImageClassifier(backbone=TransformerConfig(depth=2, **CFG), patch_size=4, num_classes=10, image_size=16,
                            channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)  # fmt: skip
-    task.configure_model()
     batch = (torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,)))
     return task, batch, lambda: F.cross_entropy(task(batch[0]), batch[1])
 
@@ -40,7 +38,6 @@ def clip():
     image = ImageEncoderConfig(TransformerConfig(depth=2, position="none", **CFG), 16, 4, 3)
     text = TextEncoderConfig(TransformerConfig(depth=1, position="learned", max_len=12, causal=True, **CFG))
     task = CLIP(image=image, text=text, embed_dim=16, vocab_size=tok.vocab_size, eos_id=tok.eos_id)
-    task.configure_model()
     batch = {"image": torch.randn(4, 3, 16, 16), "text": torch.randint(0, 200, (4, 12))}
     return task, batch, lambda: contrastive_loss(*task(batch["image"], batch["text"]))
 
@@ -50,7 +47,6 @@ def translation():
     task = Translation(TransformerConfig(depth=2, **CFG), decoder_depth=3, vocab_size=tok.vocab_size,
                        source_vocab_size=tok.vocab_size)  # fmt: skip
     task.set_tokenizers(tok)
-    task.configure_model()
     batch = {"source": torch.randint(3, 200, (3, 11)), "target_in": torch.randint(3, 200, (3, 7))}
     batch["target_out"] = batch["target_in"]
     return task, batch, lambda: task.loss(batch)[0]
