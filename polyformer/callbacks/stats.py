@@ -177,8 +177,10 @@ def global_grad_norm(
 def set_flops(pl_module: pl.LightningModule, batch: Any, training: bool) -> None:
     """Lightning's monitor reads one `flops_per_batch` attribute after each batch: refresh it from the task for this
     batch's shapes. Evaluation runs the forward pass only, a third of a training step."""
-    if isinstance(pl_module, TaskModule) and (value := pl_module.training_flops(batch)) is not None:
-        pl_module.flops_per_batch = value if training else value / 3
+    if isinstance(pl_module, TaskModule):
+        value = pl_module.training_flops(batch)
+        # None where a task cannot count its FLOPs: the monitor then logs throughput without FLOP/s, and quietly.
+        pl_module.flops_per_batch = None if value is None else value if training else value / 3
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:
