@@ -14,7 +14,7 @@ from lightning.pytorch.plugins.precision import HalfPrecision
 
 from polyformer.backbone import Transformer, TransformerConfig
 from polyformer.backbone.positional import apply_rotary
-from polyformer.tasks.vision import ImageTower
+from polyformer.models.image_tower import ImageTower
 
 POSITIONS = torch.tensor([[0, 1, 100, 1000, 2047]])
 
