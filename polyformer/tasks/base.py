@@ -160,7 +160,9 @@ class TaskModule(L.LightningModule):
         checkpoints store it and `load_task` rebuilds the model with it."""
         if getattr(self, name) is None and value is not None:
             setattr(self, name, value)
-            self.hparams[name] = value
+            # Saved again as a whole (Lightning's public way), so the hyperparameters logged to W&B at fit start show
+            # the linked value too, not the None the constructor got.
+            self.save_hyperparameters({**self.hparams, name: value})
 
     def build(self) -> bool:
         """Build the model (and load `init_from`) once every size is known; True when the model exists."""
