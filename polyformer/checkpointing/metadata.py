@@ -23,12 +23,19 @@ still loads and resumes. tests/fixtures/format1/ holds checkpoints of format 1 w
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from polyformer.checkpointing.files import CheckpointError
 
-if TYPE_CHECKING:
-    from polyformer.tasks.base import TaskModule
+
+class TaskModule(Protocol):
+    """What this module reads of a task (`polyformer.tasks.base.TaskModule` has it): described here rather than
+    imported, because the tasks import this module."""
+
+    hparams: Any
+    architecture_hparams: tuple[str, ...]
+    not_architecture: tuple[str, ...]
+
 
 CHECKPOINT_FORMAT = 3
 
@@ -57,7 +64,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def task_path(task: TaskModule | type[TaskModule]) -> str:
+def task_path(task: TaskModule | type) -> str:
     """The import path that names a task class in checkpoints: `polyformer.tasks.language_model.LanguageModel`."""
     cls = task if isinstance(task, type) else type(task)
     return f"{cls.__module__}.{cls.__qualname__}"
