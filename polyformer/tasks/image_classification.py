@@ -2,15 +2,17 @@
 (Touvron et al. 2021): label smoothing, Mixup (Zhang et al. 2018) / CutMix (Yun et al. 2019) through timm's `Mixup`
 with the soft-target cross-entropy they need, AdamW with weight decay on matrices only (tasks/base.py).
 
-The model is the shared `ImageTower` (patches, class token or average pooling, positions, encoder) plus a linear head.
+The network is `polyformer.models.vit.ViT` (the shared `ImageTower` plus a linear head), held as `self.model`; its
+first weights may come from timm (`init_from="timm:<name>"`, `polyformer.weights.timm_vit`).
 Metrics: top-1, top-5 and a confusion matrix (torchmetrics, synced across ranks). After each validation epoch the
-confusion matrix and a few misclassified images are kept on the task for callbacks (W&B media) to read.
+confusion matrix and a few misclassified images are kept on the task; `media()` shows them.
 
 Legend: B batch, C channels, H/W image side, K classes, D width.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -19,9 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from polyformer.backbone import TransformerConfig, weight_count
+from polyformer.backbone import TransformerConfig
+from polyformer.data.info import DataInfo
+from polyformer.models.image_tower import resize_pos_embed
+from polyformer.models.vit import ViT, ViTConfig
 from polyformer.tasks.base import OptimizerConfig, TaskModule
-from polyformer.tasks.vision import ImageTower, resize_pos_embed
+from polyformer.tasks.media import Heatmap, Images, Media, MediaRequest
 
 
 @dataclass
@@ -52,7 +57,6 @@ class Misclassified(NamedTuple):
 
 
 class ImageClassifier(TaskModule):
-    data_links = ("num_classes", "image_size", "channels", "class_names", "mean", "std")
     # image_size is not here on purpose: positions are interpolated, so a checkpoint loads at any resolution.
     architecture_hparams = ("backbone", "num_classes", "channels", "patch_size", "pool", "position", "norm_pre")
 
@@ -65,8 +69,7 @@ class ImageClassifier(TaskModule):
         norm_pre: bool = False,
         label_smoothing: float = 0.1,
         mixup: MixupConfig | None = None,  # None = plain (label-smoothed) cross-entropy
-        pretrained: str | None = None,  # a timm ViT name, e.g. "vit_small_patch16_224.augreg_in21k_ft_in1k"
-        num_misclassified: int = 16,  # kept after validation for callbacks
+        num_misclassified: int = 16,  # kept after validation for media()
         num_classes: int | None = None,  # the rest default to the data module's values
         image_size: int | None = None,
         channels: int | None = None,
@@ -76,34 +79,53 @@ class ImageClassifier(TaskModule):
         optimizer: OptimizerConfig | None = None,
         compile: bool = False,
         activation_checkpointing: bool = False,
+        init_from: str | None = None,  # e.g. "timm:vit_small_patch16_224.augreg_in21k_ft_in1k", or a .ckpt
     ) -> None:
-        super().__init__(optimizer, compile, activation_checkpointing)
+        super().__init__(optimizer, compile, activation_checkpointing, init_from)
         self.save_hyperparameters()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.backbone_cfg = backbone or TransformerConfig(width=192, depth=12, heads=3, dropout=0.0, norm_eps=1e-6)
         self.patch_size, self.pool, self.position, self.norm_pre = patch_size, pool, position, norm_pre
-        self.label_smoothing, self.mixup_cfg, self.pretrained = label_smoothing, mixup, pretrained
+        self.label_smoothing, self.mixup_cfg = label_smoothing, mixup
         self.num_misclassified = num_misclassified
         self.num_classes, self.image_size, self.channels = num_classes, image_size, channels
         self.class_names, self.mean, self.std = class_names, mean, std
-        # Read by callbacks after each validation epoch (rank 0 holds the synced matrix; images are per rank).
+        # Model inputs back to uint8 pixels for the misclassified images (the data module's; None = min-max).
+        self.denormalize: Callable[[Tensor], Tensor] | None = None
+        self.mixup: Any = None  # timm's Mixup, made with the metrics once the class count is known
+        # Kept after each validation epoch for media() (rank 0 holds the synced matrix; images are per rank).
         self.confusion_matrix: Tensor | None = None  # (K, K) int64, rows = true class, columns = predicted
         self.misclassified: list[Misclassified] = []
+        self.build()
 
-    def build(self) -> None:
+    # ---- building ---------------------------------------------------------------------------------------------
+    def missing_sizes(self) -> list[str]:
+        sizes = {"num_classes": self.num_classes, "image_size": self.image_size, "channels": self.channels}
+        return [name for name, value in sizes.items() if value is None]
+
+    def connect_data(self, info: DataInfo) -> None:
+        self.link("num_classes", info.num_classes)
+        self.link("image_size", info.image_size)
+        self.link("channels", info.channels)
+        # Stored as hyperparameters too: `polyformer classify` names and normalises from the checkpoint alone.
+        self.link("class_names", None if info.class_names is None else list(info.class_names))
+        self.link("mean", info.mean)
+        self.link("std", info.std)
+        self.denormalize = info.denormalize
+
+    def build_model(self) -> ViT:
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class_names given for num_classes={self.num_classes}")
+        assert self.num_classes is not None and self.image_size is not None and self.channels is not None
         K = self.num_classes
-        self.tower = ImageTower(
-            self.backbone_cfg, self.image_size, self.patch_size, self.channels, self.pool, self.position, self.norm_pre
-        )
-        self.head = nn.Linear(self.backbone_cfg.width, K)
-        # timm's N(0, 0.02), not the JAX zero head: with a zero head the tower gets no gradient at first, and small
-        # ViTs sat at loss ln K for ~100 steps on the digits.
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
-        self.mixup = None
+        # The model first: it is what draws from the RNG (the mixing and metrics below draw nothing).
+        model = ViT(
+            ViTConfig(
+                self.backbone_cfg, self.image_size, self.patch_size, self.channels, K, self.pool, self.position,
+                self.norm_pre,
+            )
+        )  # fmt: skip
         if self.mixup_cfg is not None:
             from timm.data import Mixup
 
@@ -121,17 +143,15 @@ class ImageClassifier(TaskModule):
             }
         )
         self.val_confusion = MulticlassConfusionMatrix(K)
-        if self.pretrained and self._trainer is not None:  # checkpoints (load_task) carry the weights themselves
-            from polyformer.weights.timm_vit import load_timm_vit
+        return model
 
-            load_timm_vit(self, self.pretrained)
-
+    # ---- steps ------------------------------------------------------------------------------------------------
     def forward(self, images: Tensor) -> Tensor:  # (B, C, H, W) -> (B, K) logits
-        return self.head(self.tower(images))
+        return self.model(images)
 
     def training_flops(self, batch: tuple[Tensor, Tensor] | Tensor) -> float:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch  # predict batches may be images alone
-        return self.tower.training_flops(images) + 6.0 * weight_count(self.head) * images.shape[0]
+        return self.model.training_flops(images)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, targets = batch
@@ -141,9 +161,9 @@ class ImageClassifier(TaskModule):
             images, soft = self.mixup(images, targets)  # soft: (B, K), label smoothing included
             # fp32 logits: CPU autocast leaves log_softmax in bf16 (CUDA autocast promotes it), an error of ~1e-3 in
             # the loss; F.cross_entropy below already runs in fp32 under both autocasts, the cast makes that explicit.
-            loss = torch.sum(-soft.float() * F.log_softmax(self(images).float(), dim=-1), dim=-1).mean()
+            loss = torch.sum(-soft.float() * F.log_softmax(self.model(images).float(), dim=-1), dim=-1).mean()
         else:
-            loss = F.cross_entropy(self(images).float(), targets, label_smoothing=self.label_smoothing)
+            loss = F.cross_entropy(self.model(images).float(), targets, label_smoothing=self.label_smoothing)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -162,12 +182,12 @@ class ImageClassifier(TaskModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        probs, classes = self(images).softmax(dim=-1).topk(min(5, self.num_classes), dim=-1)
+        probs, classes = self.model(images).softmax(dim=-1).topk(min(5, self.model.cfg.num_classes), dim=-1)
         return {"probabilities": probs, "classes": classes}  # (B, 5) each
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], split: Literal["val", "test"]) -> None:
         images, targets = batch
-        logits = self(images)
+        logits = self.model(images)
         loss = F.cross_entropy(logits, targets)  # no smoothing: comparable across recipes
         self.log(f"{split}/loss", loss, sync_dist=True, batch_size=len(targets))
         for name in ("top1", "top5"):
@@ -186,17 +206,37 @@ class ImageClassifier(TaskModule):
         wrong = (predicted != targets).nonzero().flatten()[:room]
         if len(wrong) == 0:
             return
-        denormalize = getattr(self.trainer.datamodule, "denormalize", None) if self._trainer is not None else None
-        shown = denormalize(images[wrong]) if denormalize else _to_uint8(images[wrong])
+        shown = self.denormalize(images[wrong]) if self.denormalize else _to_uint8(images[wrong])
         for img, i in zip(shown.cpu(), wrong.tolist()):
             self.misclassified.append(Misclassified(img, int(targets[i]), int(predicted[i]), float(probs[i])))
 
+    # ---- media ------------------------------------------------------------------------------------------------
+    def media(self, batch: Any, request: MediaRequest) -> list[Media]:
+        """The last validation's confusion matrix ("confusion_matrix", rows = true class, annotated up to 20
+        classes) and up to `request.num_samples` misclassified images of this rank ("misclassified", captioned
+        "true X / predicted Y (confidence)"). Both were kept during validation: `batch` is not needed."""
+        cm = self.confusion_matrix
+        if cm is None:
+            return []
+        names = list(self.class_names or [str(i) for i in range(cm.shape[0])])
+        items: list[Media] = [
+            Heatmap("confusion_matrix", cm, "validation confusion matrix", xlabels=names, ylabels=names,
+                    xlabel="predicted", ylabel="true", annotate=cm.shape[0] <= 20)
+        ]  # fmt: skip
+        wrong = self.misclassified[: request.num_samples]
+        if wrong:
+            captions = [f"true {names[m.target]} / predicted {names[m.predicted]} ({m.confidence:.2f})" for m in wrong]
+            items.append(Images("misclassified", [m.image for m in wrong], captions))
+        return items
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         # Another resolution than the checkpoint's: resize its position table to this model's grid.
-        state, key = checkpoint["state_dict"], "tower.pos_embed"
-        if self._built and key in state and state[key].shape != self.tower.pos_embed.shape:
-            state[key] = resize_pos_embed(state[key], self.tower.patch.grid, self.tower.prefix)
+        state, key = checkpoint["state_dict"], "model.tower.pos_embed"
+        if self.model is not None and key in state and state[key].shape != self.model.tower.pos_embed.shape:
+            tower = self.model.tower
+            state[key] = resize_pos_embed(state[key], tower.patch.grid, tower.prefix)
 
 
 def _to_uint8(images: Tensor) -> Tensor:  # (B, C, H, W) any range -> uint8, per image min-max

@@ -1,5 +1,5 @@
 """ImageClassifier: shapes over image/patch sizes and channels, gradients, losses (label smoothing, Mixup/CutMix),
-overfitting a batch, validation outputs for callbacks, checkpoints at another resolution."""
+overfitting a batch, sizes from the data, validation outputs and media, checkpoints at another resolution."""
 
 import math
 
@@ -12,9 +12,12 @@ from polyformer.backbone import TransformerConfig
 from polyformer.checkpointing.loading import load_task
 from polyformer.data.digits import DIGIT_NAMES
 from polyformer.data.images import AugmentConfig, ImageDataModule
+from polyformer.data.info import DataInfo
+from polyformer.models.image_tower import resize_pos_embed
+from polyformer.models.vit import ViT
 from polyformer.tasks.base import OptimizerConfig
 from polyformer.tasks.image_classification import ImageClassifier, MixupConfig
-from polyformer.tasks.vision import resize_pos_embed
+from polyformer.tasks.media import Heatmap, Images, MediaRequest
 
 TINY = TransformerConfig(width=32, depth=2, heads=2, dropout=0.0)
 # training_step called directly (no Trainer) logs into the void: Lightning warns, the loss is still what we test.
@@ -26,9 +29,7 @@ pytestmark = [
 
 def build(**kwargs) -> ImageClassifier:
     args = dict(backbone=TINY, patch_size=2, num_classes=10, image_size=8, channels=1, mean=(0.5,), std=(0.5,))
-    task = ImageClassifier(**{**args, **kwargs})
-    task.configure_model()
-    return task
+    return ImageClassifier(**{**args, **kwargs})  # every size given: the model is built at once
 
 
 def trainer(tmp_path, **kwargs) -> L.Trainer:
@@ -65,7 +66,7 @@ def test_small_head_starts_near_uniform_loss_and_label_smoothing_changes_the_los
     loss = task.training_step((images, targets), 0)
     assert abs(loss.item() - math.log(10)) < 0.1
     with torch.no_grad():
-        torch.nn.init.normal_(task.head.weight, std=1.0)
+        torch.nn.init.normal_(task.model.head.weight, std=1.0)
     plain = task.training_step((images, targets), 0)
     task.label_smoothing = 0.1
     smoothed = task.training_step((images, targets), 0)
@@ -80,10 +81,10 @@ def test_mixup_cutmix_trains_on_soft_targets_and_needs_an_even_batch():
     task = build(mixup=MixupConfig(mixup_alpha=0.8, cutmix_alpha=1.0), label_smoothing=0.1)
     images, targets = torch.randn(4, 1, 8, 8), torch.arange(4)
     with torch.no_grad():
-        task.head.weight.zero_()  # uniform prediction: the loss is ln K whatever the soft targets
+        task.model.head.weight.zero_()  # uniform prediction: the loss is ln K whatever the soft targets
     torch.testing.assert_close(task.training_step((images, targets), 0), torch.tensor(math.log(10)))
     with torch.no_grad():
-        torch.nn.init.normal_(task.head.weight, std=1.0)
+        torch.nn.init.normal_(task.model.head.weight, std=1.0)
     np.random.seed(1)  # timm draws lambda and the Mixup/CutMix switch from numpy
     loss = task.training_step((images.clone(), targets), 0)
     np.random.seed(1)
@@ -127,8 +128,44 @@ def test_validation_exposes_metrics_confusion_matrix_and_misclassified_images(tm
     for item in task.misclassified:
         assert item.image.shape == (1, 8, 8) and item.image.dtype == torch.uint8
         assert item.target != item.predicted and 0 < item.confidence <= 1
+
+    # What the media callback logs: the confusion matrix and the first misclassified images, captioned.
+    batch = next(iter(data.val_dataloader()))
+    heat, shots = task.media((batch[0][:4], batch[1][:4]), MediaRequest(num_samples=3))
+    assert isinstance(heat, Heatmap) and heat.key == "confusion_matrix" and torch.equal(heat.matrix, cm)
+    assert heat.xlabels == heat.ylabels == DIGIT_NAMES and (heat.xlabel, heat.ylabel) == ("predicted", "true")
+    assert heat.annotate  # 10 classes: each cell's count is written
+    assert isinstance(shots, Images) and shots.key == "misclassified"
+    assert len(shots.images) == len(shots.captions) == min(3, len(task.misclassified))
+    first = task.misclassified[0]
+    assert torch.equal(shots.images[0], first.image)
+    assert shots.captions[0] == (
+        f"true {DIGIT_NAMES[first.target]} / predicted {DIGIT_NAMES[first.predicted]} ({first.confidence:.2f})"
+    )
     (test,) = t.test(task, data, verbose=False)
     assert set(test) == {"test/loss", "test/top1", "test/top5"}
+
+
+def test_sizes_and_class_names_come_from_the_data_info():
+    task = ImageClassifier(backbone=TINY, patch_size=2)
+    assert task.model is None and task.missing_sizes() == ["num_classes", "image_size", "channels"]
+    with pytest.raises(ValueError, match="--model.num_classes, --model.image_size, --model.channels"):
+        task.configure_model()  # no Trainer, no data: the error names the flags to set
+    info = DataInfo(num_classes=3, class_names=("a", "b", "c"), image_size=8, channels=1, mean=(0.5,), std=(0.2,))
+    task.connect_data(info)
+    task.configure_model()
+    assert isinstance(task.model, ViT) and task.model.cfg.num_classes == 3
+    # Stored as hyperparameters, so a checkpoint is enough for `polyformer classify`.
+    hp = task.hparams
+    assert (hp["num_classes"], hp["class_names"], hp["mean"], hp["std"]) == (3, ["a", "b", "c"], (0.5,), (0.2,))
+    assert all(k.startswith("model.") for k in task.state_dict())  # checkpoint format 3
+    assert task(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+
+    given = ImageClassifier(backbone=TINY, patch_size=2, num_classes=4, class_names=["x", "y", "z", "w"])
+    given.connect_data(info)  # the config's own values win over the data's
+    assert (given.num_classes, given.class_names, given.image_size) == (4, ["x", "y", "z", "w"], 8)
+    with pytest.raises(ValueError, match="2 class_names given for num_classes=3"):
+        build(num_classes=3, class_names=["x", "y"])
 
 
 def test_checkpoint_loads_at_another_resolution_with_interpolated_positions(tmp_path):
@@ -151,9 +188,9 @@ def test_checkpoint_loads_at_another_resolution_with_interpolated_positions(tmp_
     bigger = ImageClassifier(backbone=TINY, patch_size=2, image_size=16)
     data = ImageDataModule(batch_size=64, image_size=16)
     (result,) = trainer(tmp_path, limit_val_batches=2).validate(bigger, data, ckpt_path=path, verbose=False)
-    expected = resize_pos_embed(task.tower.pos_embed.detach(), 8, prefix_tokens=1)
-    torch.testing.assert_close(bigger.tower.pos_embed.detach(), expected)
-    torch.testing.assert_close(bigger.tower.patch.proj.weight, task.tower.patch.proj.weight)
+    expected = resize_pos_embed(task.model.tower.pos_embed.detach(), 8, prefix_tokens=1)
+    torch.testing.assert_close(bigger.model.tower.pos_embed.detach(), expected)
+    torch.testing.assert_close(bigger.model.tower.patch.proj.weight, task.model.tower.patch.proj.weight)
     assert math.isfinite(result["val/loss"])
 
     with pytest.raises(ValueError, match="backbone.width"):
