@@ -1,8 +1,10 @@
 """timm `VisionTransformer` weights (Wightman, pytorch-image-models; the ViT of Dosovitskiy et al. 2020, DeiT of
-Touvron et al. 2021 and AugReg of Steiner et al. 2021) into `ImageClassifier`.
+Touvron et al. 2021 and AugReg of Steiner et al. 2021) into `polyformer.models.vit.ViT`.
 
-`convert_timm_vit` maps one state dict to ours; `timm_vit_hparams` reads the matching architecture off a timm
-model; `load_timm_vit` fetches a named timm model (Hugging Face hub, or timm's local cache offline) into a task.
+`convert_timm_vit` maps one state dict to ours and says what architecture it needs; `timm_vit_config` reads the
+whole architecture off a timm model (heads, activation and norm eps are not in a state dict); `load_timm_vit` is
+`init_from="timm:<name>[@<weights file>]"`: the named timm model with its pretrained weights (Hugging Face hub, or
+timm's local cache offline), or with a local file's.
 Covered: every plain ViT size, class-token or average pooling (fc_norm), pre-norm (CLIP-style), GELU/QuickGELU.
 Refused with a message: layer scale, register tokens, q/k norms, attention-pool heads, positions without the class
 token (these architectures need blocks our backbone does not have).
@@ -10,16 +12,19 @@ token (these architectures need blocks our backbone does not have).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from polyformer.backbone import TransformerConfig
-from polyformer.tasks.vision import resize_pos_embed
+from polyformer.models.image_tower import resize_pos_embed
+from polyformer.weights import check_fits, zero_bias
 
 if TYPE_CHECKING:
-    from polyformer.tasks.image_classification import ImageClassifier
+    from polyformer.models.vit import ViT
 
 # timm name -> ours; block keys keep their names (norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2).
 _RENAMES = {
@@ -39,9 +44,11 @@ _RENAMES = {
 _BLOCK = re.compile(r"blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)")
 
 
-def convert_timm_vit(state_dict: dict[str, Tensor], grid: int | None = None) -> dict[str, Tensor]:
-    """timm VisionTransformer state dict -> ImageClassifier state dict. `grid`: resize the positions to grid x grid
-    patches (another image size than the weights were trained at)."""
+def convert_timm_vit(
+    state_dict: dict[str, Tensor], grid: int | None = None
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """timm VisionTransformer state dict -> (the `--model.` keys it needs, a `ViT` state dict). `grid`: resize the
+    positions to grid x grid patches (another image size than the weights were trained at)."""
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
         if key in _RENAMES:
@@ -53,21 +60,43 @@ def convert_timm_vit(state_dict: dict[str, Tensor], grid: int | None = None) -> 
                 f"timm ViT weight {key!r} has no counterpart in polyformer's ViT (layer scale, register tokens, "
                 f"q/k norm and attention pooling are not supported); choose a plain ViT"
             )
-    if "tower.patch.proj.weight" in out and "tower.patch.proj.bias" not in out:
-        # Pre-norm (CLIP-style) timm ViTs have a patch projection without bias; ours always has one: zero is exact.
-        out["tower.patch.proj.bias"] = out["tower.patch.proj.weight"].new_zeros(out["tower.patch.proj.weight"].shape[0])
+    # Pre-norm (CLIP-style) timm ViTs have a patch projection without bias; ours always has one: zero is exact.
+    zero_bias(out, "tower.patch.proj.weight")
+    class_token = "tower.patch.cls_token" in out
+    if not class_token and "tower.norm_post.weight" not in out:
+        # timm's average pooling without fc_norm normalises every token before pooling; ours normalises the pooled
+        # token (timm's fc_norm), another function.
+        raise ValueError("timm ViT average pooling without fc_norm is not supported; choose one with fc_norm")
+    proj = out["tower.patch.proj.weight"]  # (D, C, p, p)
+    width, patch = proj.shape[0], proj.shape[-1]
+    config: dict[str, Any] = {
+        "backbone.width": width,
+        "backbone.depth": len({k.split(".")[3] for k in out if k.startswith("tower.encoder.blocks.")}),
+        "backbone.bias": "tower.encoder.blocks.0.attn.qkv.bias" in out,
+        "patch_size": patch,
+        "channels": proj.shape[1],
+        "pool": "cls" if class_token else "avg",
+        "norm_pre": "tower.norm_pre.weight" in out,
+    }
+    if "tower.encoder.blocks.0.mlp.fc1.weight" in out:
+        config["backbone.mlp_ratio"] = out["tower.encoder.blocks.0.mlp.fc1.weight"].shape[0] / width
+    if "head.weight" in out:
+        config["num_classes"] = out["head.weight"].shape[0]
     if "tower.pos_embed" in out:
-        prefix = int("tower.patch.cls_token" in out)
-        n_patches = out["tower.pos_embed"].shape[1] - prefix
-        if n_patches != round(n_patches**0.5) ** 2:
+        prefix = int(class_token)
+        side = math.isqrt(out["tower.pos_embed"].shape[1] - prefix)
+        if side * side != out["tower.pos_embed"].shape[1] - prefix:
             raise ValueError("timm ViT positions do not cover the class token (no_embed_class); not supported")
         if grid is not None:
             out["tower.pos_embed"] = resize_pos_embed(out["tower.pos_embed"], grid, prefix)
-    return out
+            side = grid
+        config["position"] = "learned"
+        config["image_size"] = side * patch
+    return config, out
 
 
-def timm_vit_hparams(model: nn.Module) -> dict[str, Any]:
-    """The ImageClassifier arguments that reproduce a timm VisionTransformer."""
+def timm_vit_config(model: nn.Module) -> dict[str, Any]:
+    """The `--model.` keys (dotted, as the CLI spells them) of the `ViT` that reproduces a timm VisionTransformer."""
     block = model.blocks[0]
     act = block.mlp.act
     if isinstance(act, nn.GELU):
@@ -82,56 +111,70 @@ def timm_vit_hparams(model: nn.Module) -> dict[str, Any]:
             f"timm ViT pooling {model.global_pool!r} with class_token={model.cls_token is not None} is not supported; "
             f"polyformer has class-token pooling, or average pooling without a class token"
         )
+    if not isinstance(block.norm1, nn.LayerNorm):
+        raise ValueError(f"timm ViT norm {type(block.norm1).__name__} is not supported (LayerNorm)")
     width = model.embed_dim
-    patch = model.patch_embed.patch_size[0]
     return {
-        "backbone": TransformerConfig(
-            width=width,
-            depth=len(model.blocks),
-            heads=block.attn.num_heads,
-            mlp_ratio=block.mlp.fc1.out_features / width,
-            activation=activation,
-            norm_eps=block.norm1.eps,
-            dropout=0.0,
-            bias=block.attn.qkv.bias is not None,
-            position="none",
-        ),
-        "patch_size": patch,
+        "backbone.width": width,
+        "backbone.depth": len(model.blocks),
+        "backbone.heads": block.attn.num_heads,
+        "backbone.kv_heads": None,
+        "backbone.mlp_ratio": block.mlp.fc1.out_features / width,
+        "backbone.activation": activation,
+        "backbone.norm": "layernorm",
+        "backbone.norm_eps": block.norm1.eps,
+        "backbone.prenorm": True,
+        "backbone.final_norm": True,
+        "backbone.bias": block.attn.qkv.bias is not None,
+        "patch_size": model.patch_embed.patch_size[0],
         "image_size": model.patch_embed.img_size[0],
         "channels": model.patch_embed.proj.in_channels,
-        "pool": pool,
-        "norm_pre": not isinstance(model.norm_pre, nn.Identity),
         "num_classes": model.num_classes,
+        "pool": pool,
+        "position": "learned",
+        "norm_pre": not isinstance(model.norm_pre, nn.Identity),
     }
 
 
-def load_timm_vit(task: ImageClassifier, name: str) -> None:
-    """Load the pretrained timm model `name` into a built task: the head is kept when the class count matches the
-    weights', the input channels and position grid are adapted to the task's (timm's own adaptation)."""
+def model_config(model: ViT) -> dict[str, Any]:
+    """A ViT's config as the dotted `--model.` keys `check_fits` compares."""
+    cfg = model.cfg
+    keys = {f"backbone.{k}": v for k, v in dataclasses.asdict(cfg.backbone).items()}
+    keys.update({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "backbone"})
+    return keys
+
+
+def load_timm_vit(name: str, model: ViT) -> dict[str, Tensor]:
+    """`init_from="timm:<name>"`: timm's pretrained `name` as `model`'s complete state dict. timm adapts the weights
+    to the model's input channels and position grid; `<name>@<file>` reads the weights from a local file (a timm
+    state dict, .pth or .safetensors) instead of the hub. A head for another class count than the weights' is the
+    model's own initial head."""
     import timm
 
+    arch, _, file = name.partition("@")
+    source = f"timm:{name}"
+    extra: dict[str, Any] = {}
+    if file:
+        if not Path(file).is_file():
+            raise FileNotFoundError(f"init_from={source!r}: no weights file {file!r}")
+        extra["pretrained_cfg_overlay"] = dict(file=file)
+    cfg = model.cfg
     try:
-        model = timm.create_model(
-            name, pretrained=True, num_classes=task.num_classes, in_chans=task.channels, img_size=task.image_size
+        theirs = timm.create_model(
+            arch, pretrained=True, num_classes=cfg.num_classes, in_chans=cfg.channels, img_size=cfg.image_size, **extra
         )
-    except RuntimeError as e:  # timm raises RuntimeError for unknown names
-        raise ValueError(f"--model.pretrained={name!r}: {e}; see timm.list_models('vit_*')") from None
+    except RuntimeError as e:  # timm raises RuntimeError for unknown names (and for weights of another shape)
+        hint = "; see timm.list_models('vit_*')" if "Unknown model" in str(e) else ""
+        raise ValueError(f"init_from={source!r}: {e}{hint}") from None
     except OSError as e:  # the hub unreachable and the weights not in the local cache
-        raise ConnectionError(f"could not fetch timm weights {name!r} ({e}); run once online to cache them") from None
-    if task.position != "learned":
-        raise ValueError(f"--model.pretrained={name!r} has learned positions: set --model.position=learned")
-    theirs = timm_vit_hparams(model)
-    ours = {"backbone": task.backbone_cfg, "patch_size": task.patch_size, "pool": task.pool, "norm_pre": task.norm_pre}
-    wrong = [f"{k}: {ours[k]} here, {theirs[k]} in {name}" for k in ours if k != "backbone" and ours[k] != theirs[k]]
-    for field in ("width", "depth", "heads", "mlp_ratio", "activation", "norm_eps", "bias"):
-        mine, need = getattr(task.backbone_cfg, field), getattr(theirs["backbone"], field)
-        if mine != need:
-            wrong.append(f"backbone.{field}: {mine} here, {need} in {name}")
-    if wrong:
-        raise ValueError(f"--model.pretrained={name!r} does not fit this model; set " + "; ".join(wrong))
-    state = convert_timm_vit(model.state_dict(), grid=task.tower.patch.grid)
-    if model.pretrained_cfg.get("num_classes") != task.num_classes:  # a new head for new classes: keep our zero init
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    missing, unexpected = task.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(("head.", "metrics.", "val_confusion"))]
-    assert not missing and not unexpected, (missing, unexpected)
+        raise ConnectionError(
+            f"could not fetch timm weights {arch!r} ({e}); fetching them needs the network once (they are cached "
+            f"then), or give a local file: init_from='timm:{arch}@<weights file>'"
+        ) from None
+    config, state = convert_timm_vit(theirs.state_dict(), grid=model.tower.patch.grid)
+    check_fits(model_config(model), {**timm_vit_config(theirs), **config}, source)
+    if theirs.pretrained_cfg.get("num_classes") != cfg.num_classes:
+        # timm dropped the pretrained head (another class count) and made its own: keep ours, as a run from scratch.
+        own = model.state_dict()
+        state.update({k: own[k] for k in ("head.weight", "head.bias")})
+    return state

@@ -1,22 +1,32 @@
-"""Our ViT with weights converted by `convert_timm_vit` gives timm's logits (timm models built locally, random
-weights: no hub)."""
+"""Our plain `ViT` with weights converted by `convert_timm_vit` gives timm's logits (timm models built locally, random
+weights: no hub); `init_from="timm:<name>@<file>"` loads through the task, and hub names fail clearly offline."""
+
+from typing import Any
 
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from polyformer.backbone import TransformerConfig
+from polyformer.models.vit import ViT, ViTConfig
 from polyformer.tasks.image_classification import ImageClassifier
-from polyformer.weights.timm_vit import convert_timm_vit, timm_vit_hparams
+from polyformer.weights.timm_vit import convert_timm_vit, timm_vit_config
 
 
-def ours_from(timm_model: VisionTransformer) -> ImageClassifier:
-    hp = timm_vit_hparams(timm_model)
-    task = ImageClassifier(**hp, class_names=None, mean=(0.5,) * hp["channels"], std=(0.5,) * hp["channels"])
-    task.configure_model()
-    missing, unexpected = task.load_state_dict(convert_timm_vit(timm_model.state_dict()), strict=False)
-    assert not unexpected
-    assert all(k.startswith(("metrics.", "val_confusion")) for k in missing), missing
-    return task.eval()
+def vit_from(keys: dict[str, Any]) -> ViT:
+    """Our ViT from the dotted `--model.` keys `timm_vit_config` reads off a timm model."""
+    backbone = {k.removeprefix("backbone."): v for k, v in keys.items() if k.startswith("backbone.")}
+    rest = {k: v for k, v in keys.items() if not k.startswith("backbone.")}
+    return ViT(ViTConfig(TransformerConfig(**backbone, dropout=0.0), **rest))
+
+
+def ours_from(timm_model: VisionTransformer) -> ViT:
+    keys = timm_vit_config(timm_model)
+    ours = vit_from(keys)
+    needs, state = convert_timm_vit(timm_model.state_dict())
+    assert needs.items() <= keys.items()  # what the state dict says agrees with the model's own description
+    ours.load_state_dict(state, strict=True)
+    return ours.eval()
 
 
 def randomize(model: torch.nn.Module) -> None:
@@ -56,10 +66,10 @@ def test_positions_resized_for_another_resolution_match_timm():
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     big.load_state_dict(checkpoint_filter_fn(small.state_dict(), big))
-    hp = {**timm_vit_hparams(small), "image_size": 32}
-    ours = ImageClassifier(**hp, class_names=None, mean=(0.5,) * 3, std=(0.5,) * 3)
-    ours.configure_model()
-    ours.load_state_dict(convert_timm_vit(small.state_dict(), grid=8), strict=False)
+    ours = vit_from({**timm_vit_config(small), "image_size": 32})
+    needs, state = convert_timm_vit(small.state_dict(), grid=8)
+    assert needs["image_size"] == 32
+    ours.load_state_dict(state, strict=True)
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(images), big(images), rtol=1e-3, atol=1e-3)
@@ -69,6 +79,12 @@ def test_unsupported_timm_features_are_refused_by_name():
     model = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, init_values=1e-5)
     with pytest.raises(ValueError, match="ls1.gamma"):
         convert_timm_vit(model.state_dict())
+    avg_without_fc_norm = VisionTransformer(
+        img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, global_pool="avg", class_token=False,
+        fc_norm=False,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="without fc_norm"):
+        convert_timm_vit(avg_without_fc_norm.state_dict())
 
 
 def test_the_imagenet_preset_is_timms_deit_small():
@@ -78,8 +94,6 @@ def test_the_imagenet_preset_is_timms_deit_small():
     import yaml
     from helpers import ROOT
 
-    from polyformer.backbone import TransformerConfig
-
     preset = yaml.safe_load((ROOT / "configs" / "vit" / "imagenet-vit-s16.yaml").read_text())
     args = preset["model"]["init_args"]
     data = preset["data"]["init_args"]
@@ -87,23 +101,75 @@ def test_the_imagenet_preset_is_timms_deit_small():
         TransformerConfig(**args["backbone"]), patch_size=args["patch_size"], pool=args["pool"], num_classes=1000,
         image_size=data["image_size"], channels=3, mean=tuple(data["mean"]), std=tuple(data["std"]),
     )  # fmt: skip
-    ours.configure_model()
     theirs = timm.create_model("deit_small_patch16_224", pretrained=False)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters()) == 22_050_664
-    missing, unexpected = ours.load_state_dict(convert_timm_vit(theirs.state_dict()), strict=False)
-    assert not unexpected and not [k for k in missing if not k.startswith(("metrics.", "val_confusion"))]
+    ours.model.load_state_dict(convert_timm_vit(theirs.state_dict())[1], strict=True)
 
 
-def test_pretrained_names_fail_clearly_offline_or_unknown():
-    from polyformer.backbone import TransformerConfig
-    from polyformer.weights.timm_vit import load_timm_vit
+# ---- init_from="timm:..." through the task ------------------------------------------------------------------------
+# timm's registered `test_vit` (width 64, 6 blocks, 2 heads, MLP 192, patch 16): small enough to save in a test.
+TEST_VIT = TransformerConfig(width=64, depth=6, heads=2, mlp_ratio=3.0, dropout=0.0, norm_eps=1e-6)
 
+
+@pytest.fixture
+def test_vit_file(tmp_path):
+    """timm's `test_vit` with random weights and 1000 classes (its pretrained config's count), saved as a file."""
+    import timm
+
+    torch.manual_seed(0)
+    theirs = timm.create_model("test_vit", pretrained=False, img_size=32).eval()
+    randomize(theirs)
+    path = tmp_path / "test_vit.pth"
+    torch.save(theirs.state_dict(), path)
+    return theirs, path
+
+
+def test_init_from_a_local_timm_file_gives_timms_logits(test_vit_file):
+    theirs, path = test_vit_file
     task = ImageClassifier(
-        TransformerConfig(width=192, depth=12, heads=3, norm_eps=1e-6), patch_size=16, image_size=32, channels=3,
-        num_classes=10, mean=(0.5,) * 3, std=(0.5,) * 3,
-    )  # fmt: skip
-    task.configure_model()
-    with pytest.raises(ConnectionError, match="could not fetch timm weights 'vit_tiny_patch16_224.augreg"):
-        load_timm_vit(task, "vit_tiny_patch16_224.augreg_in21k_ft_in1k")  # tests run with HF_HUB_OFFLINE=1
-    with pytest.raises(ValueError, match="no_such_vit"):
-        load_timm_vit(task, "no_such_vit")
+        TEST_VIT, patch_size=16, num_classes=1000, image_size=32, channels=3, init_from=f"timm:test_vit@{path}"
+    ).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(task(images), theirs(images), rtol=1e-4, atol=1e-4)
+
+
+def test_init_from_timm_with_other_classes_keeps_our_initial_head(test_vit_file):
+    theirs, path = test_vit_file
+    torch.manual_seed(1)
+    scratch = ImageClassifier(TEST_VIT, patch_size=16, num_classes=5, image_size=32, channels=3)
+    torch.manual_seed(1)
+    task = ImageClassifier(
+        TEST_VIT, patch_size=16, num_classes=5, image_size=32, channels=3, init_from=f"timm:test_vit@{path}"
+    )
+    torch.testing.assert_close(task.model.head.weight, scratch.model.head.weight)  # ours: N(0, 0.02), not timm's
+    torch.testing.assert_close(task.model.tower.pos_embed, theirs.pos_embed)
+    torch.testing.assert_close(task.model.tower.encoder.blocks[5].mlp.fc2.weight, theirs.blocks[5].mlp.fc2.weight)
+
+
+def test_init_from_timm_names_every_setting_the_weights_need(test_vit_file):
+    _, path = test_vit_file
+    wrong = TransformerConfig(width=64, depth=6, heads=4, mlp_ratio=3.0, dropout=0.0)  # heads and norm_eps differ
+    with pytest.raises(ValueError, match=r"--model.backbone.heads=2 \(here 4\), --model.backbone.norm_eps=1e-06"):
+        ImageClassifier(
+            wrong, patch_size=16, num_classes=10, image_size=32, channels=3, init_from=f"timm:test_vit@{path}"
+        )
+    with pytest.raises(ValueError, match=r"--model.position='learned' \(here 'sincos2d'\)"):
+        ImageClassifier(
+            TEST_VIT, patch_size=16, position="sincos2d", num_classes=10, image_size=32, channels=3,
+            init_from=f"timm:test_vit@{path}",
+        )  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="no weights file"):
+        ImageClassifier(
+            TEST_VIT, patch_size=16, num_classes=10, image_size=32, channels=3, init_from="timm:test_vit@nope.pth"
+        )
+
+
+def test_timm_names_fail_clearly_offline_or_unknown():
+    args = dict(patch_size=16, image_size=32, channels=3, num_classes=10, mean=(0.5,) * 3, std=(0.5,) * 3)
+    backbone = TransformerConfig(width=192, depth=12, heads=3, norm_eps=1e-6)
+    name = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    with pytest.raises(ConnectionError, match=f"could not fetch timm weights '{name}'.*needs the network once"):
+        ImageClassifier(backbone, **args, init_from=f"timm:{name}")  # tests run with HF_HUB_OFFLINE=1
+    with pytest.raises(ValueError, match="no_such_vit.*timm.list_models"):
+        ImageClassifier(backbone, **args, init_from="timm:no_such_vit")
