@@ -1,9 +1,12 @@
-"""GPT-style language modelling (Radford et al. 2018/2019): a causal decoder-only backbone, token embedding tied with
-the output head (Press & Wolf 2017), next-token cross-entropy, and sampling with the KV cache.
+"""GPT-style language modelling (Radford et al. 2018/2019): the task around `polyformer.models.gpt.GPT` (a causal
+decoder-only backbone, token embedding tied with the output head), with next-token cross-entropy, sampling with the
+KV cache, and the tokenizer its checkpoints carry.
 
+The network is held as `self.model`; its first weights may come from GPT-2 (`init_from="hf:gpt2"` or a local
+`save_pretrained` folder, `polyformer.weights.gpt2`) or a polyformer `.ckpt`.
 Metrics: loss (nats per token), perplexity = exp(loss), and bits per byte = total nats / (ln 2 * UTF-8 bytes of the
 targets), which does not depend on the tokenizer, so runs with different tokenizers compare.
-Legend: B batch, T positions, D width, V vocabulary (padded to a multiple of 64).
+Legend: B batch, T positions, V vocabulary, Vp vocabulary padded to a multiple of 64.
 """
 
 from __future__ import annotations
@@ -15,13 +18,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import Metric
 
-from polyformer.backbone import Cache, TokenEmbedding, Transformer, TransformerConfig, weight_count
-from polyformer.data.tokenizers import Tokenizer
+from polyformer.backbone import Cache, TransformerConfig
+from polyformer.data.info import DataInfo
+from polyformer.data.tokenizers import Tokenizer, decode_rows
 from polyformer.decoding import Decoder, check_sampling, sample
+from polyformer.models.gpt import GPT, GPTConfig, check_decoder_only
 from polyformer.tasks.base import OptimizerConfig, TaskModule
+from polyformer.tasks.media import Media, MediaRequest, Table
 
 # GPT-2's layout (pre-LN, learned positions, final norm) at a small size; presets set the size.
 GPT_BACKBONE = TransformerConfig(width=256, depth=4, heads=4, position="learned", max_len=256, causal=True)
@@ -93,7 +99,6 @@ class TokenLoss(Metric):
 
 
 class LanguageModel(TaskModule):
-    data_links = ("vocab_size",)
     architecture_hparams = ("backbone", "vocab_size", "tie_embeddings")
 
     def __init__(
@@ -101,71 +106,58 @@ class LanguageModel(TaskModule):
         backbone: TransformerConfig = GPT_BACKBONE,
         vocab_size: int | None = None,  # linked from the data module's tokenizer
         tie_embeddings: bool = True,  # output head shares the token embedding matrix
-        init_from: str | None = None,  # a transformers GPT-2 ("gpt2", "gpt2-medium", a local folder) or a .ckpt
+        init_from: str | None = None,  # "hf:gpt2", "hf:gpt2-medium", "hf:<save_pretrained folder>" or a .ckpt
         samples: SamplingConfig | None = None,
         optimizer: OptimizerConfig | None = None,
         compile: bool = False,
         activation_checkpointing: bool = False,
     ) -> None:
-        super().__init__(optimizer, compile, activation_checkpointing)
-        if not backbone.causal or backbone.cross_attention:
-            raise ValueError(
-                f"a language model needs a causal decoder-only backbone: set backbone.causal=true and "
-                f"backbone.cross_attention=false (got causal={backbone.causal}, "
-                f"cross_attention={backbone.cross_attention})"
-            )
+        super().__init__(optimizer, compile, activation_checkpointing, init_from)
+        # GPTConfig checks this too; here a wrong preset fails at once, before the data module prepares its data.
+        check_decoder_only(backbone)
         self.save_hyperparameters()
         self.backbone_cfg, self.vocab_size, self.tie_embeddings = backbone, vocab_size, tie_embeddings
-        self.init_from = init_from
         self.samples = samples or SamplingConfig()
         self.tokenizer: Tokenizer | None = None  # from the data module, or from the checkpoint
+        # Bytes each token stands for, (Vp,) int64, for bits per byte; zeros while no tokenizer is known (bare
+        # weights). Not persistent: it follows from the tokenizer, which checkpoints carry as JSON.
+        self.register_buffer("token_bytes", None, persistent=False)
         self.val_metric = TokenLoss()
+        self.build()
 
     # ---- building ---------------------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        if dm is not None and getattr(dm, "tokenizer", None) is not None:
+    def missing_sizes(self) -> list[str]:
+        return ["vocab_size"] if self.vocab_size is None else []
+
+    def build_model(self) -> GPT:
+        assert self.vocab_size is not None
+        model = GPT(GPTConfig(self.backbone_cfg, self.vocab_size, self.tie_embeddings))
+        self.token_bytes = self._token_bytes(model.cfg.padded_vocab_size)
+        return model
+
+    def connect_data(self, info: DataInfo) -> None:
+        self.link("vocab_size", info.vocab_size)
+        if info.tokenizer is not None:
             if self.tokenizer is not None:  # from a checkpoint (load_task): its token ids must mean the same
-                check_same_tokenizer(self.tokenizer, dm.tokenizer)
-            self.tokenizer = dm.tokenizer
-        block = getattr(dm, "block_size", None)
-        if block is not None and self.backbone_cfg.position == "learned" and block > self.backbone_cfg.max_len:
+                check_same_tokenizer(self.tokenizer, info.tokenizer)
+            self._set_tokenizer(info.tokenizer)
+        cfg = self.backbone_cfg
+        if info.block_size is not None and cfg.position == "learned" and info.block_size > cfg.max_len:
             raise ValueError(
-                f"data.block_size ({block}) exceeds model.backbone.max_len ({self.backbone_cfg.max_len}), the "
+                f"data.block_size ({info.block_size}) exceeds model.backbone.max_len ({cfg.max_len}), the "
                 "learned position table; raise max_len or lower block_size"
             )
 
-    def build(self) -> None:
-        assert self.vocab_size is not None
-        padded = 64 * math.ceil(self.vocab_size / 64)  # aligned matmuls; the extra logits are cut off in forward
-        self.embed = TokenEmbedding(padded, self.backbone_cfg.width)
-        self.backbone = Transformer(self.backbone_cfg)
-        self.head = nn.Linear(self.backbone_cfg.width, padded, bias=False)
-        if self.tie_embeddings:
-            self.head.weight = self.embed.weight
-        else:
-            nn.init.normal_(self.head.weight, std=0.02)
-        # Bytes per token for bits per byte; without a tokenizer (bare weights) they are unknown: zeros.
-        table = torch.zeros(padded, dtype=torch.long)
+    def _set_tokenizer(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        if self.model is not None:  # built before the tokenizer was known (sizes given): bytes per token now
+            self.token_bytes = self._token_bytes(self.model.cfg.padded_vocab_size).to(self.device)
+
+    def _token_bytes(self, rows: int) -> Tensor:
+        table = torch.zeros(rows, dtype=torch.long)
         if self.tokenizer is not None:
-            table[: self.vocab_size] = torch.tensor(self.tokenizer.token_bytes())
-        self.register_buffer("token_bytes", table, persistent=False)
-        if self.init_from:
-            self._load_init_weights(self.init_from)
-
-    def _load_init_weights(self, source: str) -> None:
-        if source.endswith(".ckpt"):
-            from polyformer.checkpointing.files import load_checkpoint
-
-            state = load_checkpoint(source)["state_dict"]
-        else:
-            from polyformer.weights.gpt2 import load_gpt2_state_dict
-
-            state = load_gpt2_state_dict(source, self.backbone_cfg, self.embed.weight.shape[0])
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if not k.startswith("val_metric")]:
-            raise ValueError(f"init_from {source!r} does not fit missing {missing}, unexpected {unexpected}")
+            table[: self.tokenizer.vocab_size] = torch.tensor(self.tokenizer.token_bytes())
+        return table
 
     # ---- model ------------------------------------------------------------------------------------------------
     def forward(
@@ -174,21 +166,20 @@ class LanguageModel(TaskModule):
         padding_mask: Tensor | None = None,
         positions: Tensor | None = None,
         cache: Cache | None = None,
-    ) -> Tensor:  # (B, T) -> (B, T, vocab_size)
-        h = self.backbone(self.embed(tokens), padding_mask=padding_mask, positions=positions, cache=cache)
-        return self.head(h)[..., : self.vocab_size]
+    ) -> Tensor:  # (B, T) -> (B, T, V)
+        return self.model(tokens, padding_mask, positions, cache)
 
     def token_losses(self, batch: Tensor) -> tuple[Tensor, Tensor]:
         """Per-token nats (B, T) and target bytes (B, T) of a (B, T + 1) block."""
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        logits = self(inputs)
+        logits = self.model(inputs)
         nats = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
         return nats.view_as(targets), self.token_bytes[targets]
 
     # ---- steps ------------------------------------------------------------------------------------------------
     def training_flops(self, batch: Tensor) -> float:
-        B, T = batch.shape[0], batch.shape[1] - 1  # blocks of T + 1 tokens: the inputs are the first T
-        return self.backbone.training_flops(B, T) + 6.0 * weight_count(self.head) * B * T
+        # Blocks of T + 1 tokens: the inputs are the first T.
+        return self.model.training_flops(batch.shape[0], batch.shape[1] - 1)
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         nats, num_bytes = self.token_losses(batch)
@@ -223,12 +214,12 @@ class LanguageModel(TaskModule):
         banned = [i for i in (self.tokenizer.special_ids if self.tokenizer else []) if i != self.tokenizer.eos_id]
 
         def forward(tokens: Tensor, mask: Tensor | None, positions: Tensor, cache: Cache | None) -> Tensor:
-            logits = self(tokens, mask, positions, cache)  # (N, t, vocab_size)
+            logits = self.model(tokens, mask, positions, cache)  # (N, t, V)
             if not banned:
                 return logits
             return logits.index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
 
-        return Decoder(forward, self.backbone.new_cache, use_cache)
+        return Decoder(forward, self.model.new_cache, use_cache)
 
     @torch.no_grad()
     def generate(
@@ -244,10 +235,11 @@ class LanguageModel(TaskModule):
     ) -> list[list[int]]:
         """Continue token prompts (different lengths are fine); stops at eos_id. Returns the new tokens."""
         longest = max(map(len, prompts), default=0) + max_new_tokens
-        if self.backbone_cfg.position == "learned" and longest > self.backbone_cfg.max_len:
+        cfg = self.model.cfg.backbone
+        if cfg.position == "learned" and longest > cfg.max_len:
             raise ValueError(
                 f"prompt + max_new_tokens = {longest} tokens exceed the model's context (backbone.max_len = "
-                f"{self.backbone_cfg.max_len}); lower max_new_tokens or shorten the prompt"
+                f"{cfg.max_len}); lower max_new_tokens or shorten the prompt"
             )
         generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         pad = self.tokenizer.pad_id if self.tokenizer else 0
@@ -286,6 +278,26 @@ class LanguageModel(TaskModule):
         )
         return tok.decode_batch(ids)
 
+    # ---- media ------------------------------------------------------------------------------------------------
+    def media(self, batch: Any, request: MediaRequest) -> list[Media]:
+        """A table "samples" (step, prompt, sampled continuation) for up to `request.num_samples` prompts:
+        `request.prompts`, else the task's `samples.prompts`, else the starts (16 tokens) of the validation blocks
+        in `batch` (B, T + 1). Sampled with the request's max_new_tokens / temperature / top_k (None = the task's)."""
+        tok = self.tokenizer
+        if tok is None:
+            return []
+        prompts = list(request.prompts) or list(self.samples.prompts)
+        if not prompts and isinstance(batch, Tensor):
+            prompts = decode_rows(tok, batch[:, :16])  # decoded text, re-encoded by generate_text: CPU is fine
+        if not prompts:
+            return []
+        prompts = prompts[: request.num_samples]
+        texts = self.generate_text(
+            prompts, max_new_tokens=request.max_new_tokens, temperature=request.temperature, top_k=request.top_k
+        )
+        rows: list[list[Any]] = [[self.global_step, p, t] for p, t in zip(prompts, texts)]
+        return [Table("samples", ["step", "prompt", "continuation"], rows)]
+
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -294,8 +306,7 @@ class LanguageModel(TaskModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        self.init_from = None  # the checkpoint's weights replace the initial ones: don't fetch those again
         if "tokenizer" in checkpoint and self.tokenizer is None:
-            self.tokenizer = Tokenizer.from_json(checkpoint["tokenizer"])
+            self._set_tokenizer(Tokenizer.from_json(checkpoint["tokenizer"]))
         elif "tokenizer" in checkpoint:  # `fit/validate/test --ckpt_path`: restored after setup took the data's
             check_same_tokenizer(Tokenizer.from_json(checkpoint["tokenizer"]), self.tokenizer)

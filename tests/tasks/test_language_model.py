@@ -1,5 +1,5 @@
 """The language-model task: metrics against hand computation, generation (cache, stop token, limits), training,
-checkpoint round trip with the tokenizer, and configuration errors."""
+checkpoint round trip with the tokenizer, sizes and the tokenizer from the data, media, and configuration errors."""
 
 import math
 
@@ -10,10 +10,13 @@ import torch.nn.functional as F
 
 from polyformer.backbone import TransformerConfig
 from polyformer.checkpointing.loading import load_task
+from polyformer.data.info import DataInfo
 from polyformer.data.text import TextDataModule
-from polyformer.data.tokenizers import _bytes_to_unicode
+from polyformer.data.tokenizers import _bytes_to_unicode, byte_level, decode_rows
+from polyformer.models.gpt import GPT
 from polyformer.tasks.base import OptimizerConfig
 from polyformer.tasks.language_model import LanguageModel, SamplingConfig
+from polyformer.tasks.media import MediaRequest, Table
 
 TINY = TransformerConfig(width=32, depth=2, heads=4, position="learned", max_len=64, causal=True, dropout=0.0)
 
@@ -37,8 +40,7 @@ def data(tmp_path_factory) -> TextDataModule:
 def built(data: TextDataModule, **kwargs) -> LanguageModel:
     torch.manual_seed(0)
     model = LanguageModel(backbone=kwargs.pop("backbone", TINY), **kwargs)
-    model.link_from_data(data)
-    model.tokenizer = data.tokenizer
+    model.connect_data(data.info())  # vocab_size and the tokenizer, as `setup` takes them
     model.configure_model()
     return model.eval()
 
@@ -57,7 +59,7 @@ def test_validation_metrics_match_hand_computation(data, tmp_path):
             # The bytes each byte-level token stands for (special tokens stand for none).
             pieces = [data.tokenizer.inner.id_to_token(t) for t in targets.flatten().tolist()]
             nbytes += sum(len(bytes(to_byte[c] for c in p)) for p in pieces if p not in ("<|endoftext|>", "<|pad|>"))
-    assert model.vocab_size == 300 and model.embed.weight.shape[0] == 320  # padded to a multiple of 64
+    assert model.vocab_size == 300 and model.model.embed.weight.shape[0] == 320  # padded to a multiple of 64
     assert logged["val/loss"] == pytest.approx(nats / tokens, rel=1e-5)
     assert logged["val/ppl"] == pytest.approx(math.exp(logged["val/loss"]), rel=1e-5)
     assert logged["val/bpb"] == pytest.approx(nats / (math.log(2) * nbytes), rel=1e-5)
@@ -116,19 +118,64 @@ def test_training_lowers_the_loss_and_checkpoint_carries_tokenizer(data, tmp_pat
 
 def test_untied_head_trains_both_matrices(data):
     model = built(data, tie_embeddings=False).train()
-    assert model.head.weight is not model.embed.weight
+    assert model.model.head.weight is not model.model.embed.weight
     nats, _ = model.token_losses(data.train_set[0][None])
     nats.mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     tied = built(data)
-    assert tied.head.weight is tied.embed.weight
+    assert tied.model.head.weight is tied.model.embed.weight
     assert sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in tied.parameters()) == 320 * 32
 
 
+def test_vocab_size_and_tokenizer_come_from_the_data_info(data):
+    task = LanguageModel(backbone=TINY)
+    assert task.model is None and task.missing_sizes() == ["vocab_size"]
+    with pytest.raises(ValueError, match="--model.vocab_size"):
+        task.configure_model()  # no Trainer, no data: the error names the flag to set
+    task.connect_data(data.info())
+    task.configure_model()
+    assert isinstance(task.model, GPT) and task.model.cfg.vocab_size == 300 and task.hparams["vocab_size"] == 300
+    assert task.tokenizer is data.tokenizer
+    assert all(k.startswith("model.") for k in task.state_dict())  # checkpoint format 3; token_bytes not saved
+    assert task.token_bytes.shape == (320,) and task.token_bytes[:300].tolist() == data.tokenizer.token_bytes()
+
+    # Every size given: built in __init__, before any tokenizer. Bytes per token follow once the data's arrives.
+    given = LanguageModel(backbone=TINY, vocab_size=300)
+    assert isinstance(given.model, GPT) and not given.token_bytes.any()
+    given.connect_data(data.info())
+    assert given.token_bytes[:300].tolist() == data.tokenizer.token_bytes()
+
+    # A tokenizer that came with a checkpoint must be the data's.
+    other = LanguageModel(backbone=TINY, vocab_size=300)
+    other.tokenizer = byte_level()
+    with pytest.raises(ValueError, match="vocab_size"):
+        other.connect_data(data.info())
+
+
+def test_media_samples_continue_the_requested_prompts_or_the_validation_starts(data):
+    model = built(data, samples=SamplingConfig(prompts=["The ", "A "]))
+    batch = next(iter(data.val_dataloader()))[:3]
+    request = MediaRequest(num_samples=3, max_new_tokens=4, temperature=0.0)
+    (table,) = model.media(batch, MediaRequest(num_samples=3, prompts=["If ", "x", "y", "z"], max_new_tokens=4))
+    assert isinstance(table, Table) and table.key == "samples" and table.columns == ["step", "prompt", "continuation"]
+    assert [row[1] for row in table.rows] == ["If ", "x", "y"]  # the request's prompts first, num_samples of them
+    (table,) = model.media(batch, request)
+    assert [row[1] for row in table.rows] == ["The ", "A "]  # then the task's own
+    assert table.rows[0] == [0, "The ", model.generate_text(["The "], max_new_tokens=4, temperature=0.0)[0]]
+    model.samples = SamplingConfig()
+    (table,) = model.media(batch, request)  # then the starts of the validation blocks
+    assert [row[1] for row in table.rows] == decode_rows(data.tokenizer, batch[:, :16])
+    assert all(isinstance(row[2], str) for row in table.rows)
+    model.tokenizer = None
+    assert model.media(batch, request) == []  # nothing to decode with
+
+
 def test_configuration_errors_name_the_field(data, tmp_path):
-    with pytest.raises(ValueError, match="causal"):
-        LanguageModel(backbone=TransformerConfig(width=32, depth=1, heads=4))
+    with pytest.raises(ValueError, match="model.backbone.causal=true"):
+        LanguageModel(backbone=TransformerConfig(width=32, depth=1, heads=4))  # before any data is prepared
+    with pytest.raises(ValueError, match="block_size \\(128\\) exceeds model.backbone.max_len \\(64\\)"):
+        LanguageModel(backbone=TINY).connect_data(DataInfo(vocab_size=300, block_size=128))
     long_blocks = TextDataModule(tokenizer="bpe", bpe_vocab_size=300, block_size=128, cache_dir=str(data.cache_dir))
     with pytest.raises(ValueError, match="block_size \\(128\\) exceeds model.backbone.max_len \\(64\\)"):
         trainer(tmp_path, max_steps=1).fit(LanguageModel(backbone=TINY), datamodule=long_blocks)
