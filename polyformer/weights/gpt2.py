@@ -1,24 +1,38 @@
-"""GPT-2 weights (Radford et al. 2019) from Hugging Face `transformers` into our language model.
+"""GPT-2 weights (Radford et al. 2019) from Hugging Face `transformers` into `polyformer.models.gpt.GPT`.
 
 GPT-2 is our backbone with pre-LN, learned positions, a final norm, tanh-GELU and a tied head. Its `Conv1D` layers
 store weights as (in, out), the transpose of `nn.Linear`; its fused `c_attn` is ordered q, k, v like our `qkv`.
-Reads a `GPT2LMHeadModel` state dict, a `save_pretrained` folder, or a hub name ("gpt2", "gpt2-medium", ...).
+
+`convert_gpt2` maps a `GPT2LMHeadModel` state dict to ours and says what its shapes need; `gpt2_config` reads what
+only `config.json` knows (heads, activation, norm eps); `load_hf_gpt2` is `init_from="hf:<name or folder>"`: a
+`save_pretrained` folder, or a hub name ("gpt2", "gpt2-medium", ...) fetched once and cached.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from polyformer.backbone import TransformerConfig
+from polyformer.weights import check_fits
 
-# Fields that must agree for GPT-2 weights to mean the same function in our backbone (dropout may differ).
-_ARCHITECTURE = ("width", "depth", "heads", "kv_heads", "mlp_ratio", "activation", "norm", "norm_eps", "prenorm",
-                 "final_norm", "bias", "position", "causal", "cross_attention", "window")  # fmt: skip
+if TYPE_CHECKING:
+    from polyformer.models.gpt import GPT
+
+# GPT-2 block parameter -> ours (each with .weight and .bias).
+_BLOCK = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
+          "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}  # fmt: skip
+
+# What every GPT-2 is, whatever its size: the layout our backbone must have for the weights to mean the same
+# function (dropout may differ).
+_LAYOUT = {"backbone.kv_heads": None, "backbone.norm": "layernorm", "backbone.prenorm": True,
+           "backbone.final_norm": True, "backbone.bias": True, "backbone.position": "learned",
+           "backbone.causal": True, "backbone.cross_attention": False, "backbone.window": None}  # fmt: skip
 
 
 def gpt2_backbone_config(config: dict[str, Any]) -> TransformerConfig:
@@ -41,35 +55,60 @@ def gpt2_backbone_config(config: dict[str, Any]) -> TransformerConfig:
     )
 
 
-def convert_gpt2(state: dict[str, Tensor], cfg: TransformerConfig, vocab_rows: int) -> dict[str, Tensor]:
-    """Map a GPT-2 state dict (with or without the "transformer." prefix) to `LanguageModel` keys. The token
-    embedding is copied into the first rows of our (vocab_rows, D) table; the padded rows stay zero."""
-    sd = {k.removeprefix("transformer."): v for k, v in state.items()}
+def gpt2_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The `--model.` keys (dotted, as the CLI spells them) a GPT-2 `config.json` fixes, besides its shapes.
+    `backbone.max_len` is not among them: a shorter context takes the first positions of GPT-2's table."""
+    backbone = gpt2_backbone_config(config)
+    return {
+        **_LAYOUT,
+        "backbone.width": backbone.width,
+        "backbone.depth": backbone.depth,
+        "backbone.heads": backbone.heads,
+        "backbone.mlp_ratio": backbone.mlp_ratio,
+        "backbone.activation": backbone.activation,
+        "backbone.norm_eps": backbone.norm_eps,
+    }
+
+
+def convert_gpt2(state_dict: dict[str, Tensor], vocab_rows: int) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """A GPT-2 state dict (with or without the "transformer." prefix) -> (the `--model.` keys its shapes need, a
+    `GPT` state dict). The token embedding fills the first rows of our (vocab_rows, D) table, the padded rows stay
+    zero; the head is the same matrix (GPT-2's is tied). All of GPT-2's positions are kept (`load_hf_gpt2` cuts
+    them to the model's context)."""
+    sd = {k.removeprefix("transformer."): v for k, v in state_dict.items()}
     wte, wpe = sd["wte.weight"], sd["wpe.weight"]
     if wte.shape[0] > vocab_rows:
-        raise ValueError(f"GPT-2 has {wte.shape[0]} tokens but the model's vocabulary has {vocab_rows} rows")
-    if cfg.max_len > wpe.shape[0]:
-        raise ValueError(f"backbone.max_len ({cfg.max_len}) exceeds GPT-2's {wpe.shape[0]} learned positions")
-    embed = torch.zeros(vocab_rows, wte.shape[1], dtype=wte.dtype)
+        raise ValueError(
+            f"GPT-2 has {wte.shape[0]} tokens but the model's vocabulary has {vocab_rows} rows; set "
+            f"--model.vocab_size to at least {wte.shape[0]} (use GPT-2's tokenizer: data.tokenizer=gpt2)"
+        )
+    width = wte.shape[1]
+    embed = torch.zeros(vocab_rows, width, dtype=wte.dtype)
     embed[: wte.shape[0]] = wte
-    out = {"embed.weight": embed, "head.weight": embed, "backbone.positions.weight": wpe[: cfg.max_len]}
-    ours = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
-            "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}  # fmt: skip
-    for i in range(cfg.depth):
-        for theirs, mine in ours.items():
+    out = {"embed.weight": embed, "backbone.positions.weight": wpe}
+    depth = len({k.split(".")[1] for k in sd if k.startswith("h.")})
+    for i in range(depth):
+        for theirs, mine in _BLOCK.items():
             w = sd[f"h.{i}.{theirs}.weight"]
             out[f"backbone.blocks.{i}.{mine}.weight"] = w if theirs.startswith("ln") else w.t().contiguous()  # Conv1D
             out[f"backbone.blocks.{i}.{mine}.bias"] = sd[f"h.{i}.{theirs}.bias"]
     out["backbone.norm.weight"], out["backbone.norm.bias"] = sd["ln_f.weight"], sd["ln_f.bias"]
-    return out
+    out["head.weight"] = embed
+    config = {
+        **_LAYOUT,
+        "backbone.width": width,
+        "backbone.depth": depth,
+        "backbone.mlp_ratio": sd["h.0.mlp.c_fc.weight"].shape[1] / width,  # Conv1D: (in, out)
+    }
+    return config, out
 
 
-def check_config(ours: TransformerConfig, theirs: TransformerConfig) -> None:
-    for name in _ARCHITECTURE:
-        if getattr(ours, name) != getattr(theirs, name):
-            raise ValueError(
-                f"model.backbone.{name} is {getattr(ours, name)!r} but the GPT-2 weights need {getattr(theirs, name)!r}"
-            )
+def model_config(model: GPT) -> dict[str, Any]:
+    """A GPT's config as the dotted `--model.` keys `check_fits` compares."""
+    cfg = model.cfg
+    keys = {f"backbone.{k}": v for k, v in dataclasses.asdict(cfg.backbone).items()}
+    keys.update({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "backbone"})
+    return keys
 
 
 def _files(name_or_path: str) -> tuple[Path, Path]:
@@ -88,14 +127,24 @@ def _files(name_or_path: str) -> tuple[Path, Path]:
     except Exception as e:  # offline, no network, unknown repository
         raise ConnectionError(
             f"cannot fetch GPT-2 weights {name_or_path!r} from the Hugging Face hub ({type(e).__name__}); it needs the "
-            "network once (then it is cached), or give a local save_pretrained folder"
+            "network once (then it is cached), or give a local save_pretrained folder: init_from='hf:<folder>'"
         ) from None
 
 
-def load_gpt2_state_dict(name_or_path: str, cfg: TransformerConfig, vocab_rows: int) -> dict[str, Tensor]:
-    """GPT-2 weights as a `LanguageModel` state dict, after checking that `cfg` is GPT-2's architecture."""
+def load_hf_gpt2(name: str, model: GPT) -> dict[str, Tensor]:
+    """`init_from="hf:<name>"`: GPT-2 weights (a hub name or a local `save_pretrained` folder) as `model`'s complete
+    state dict, after checking that the model has GPT-2's architecture (every differing key named at once)."""
     from safetensors.torch import load_file
 
-    config_file, weights_file = _files(name_or_path)
-    check_config(cfg, gpt2_backbone_config(json.loads(config_file.read_text())))
-    return convert_gpt2(load_file(str(weights_file)), cfg, vocab_rows)
+    source = f"hf:{name}"
+    config_file, weights_file = _files(name)
+    config, state = convert_gpt2(load_file(str(weights_file)), model.cfg.padded_vocab_size)
+    check_fits(model_config(model), {**gpt2_config(json.loads(config_file.read_text())), **config}, source)
+    positions, max_len = state["backbone.positions.weight"], model.cfg.backbone.max_len
+    if max_len > positions.shape[0]:
+        raise ValueError(
+            f"the weights {source!r} have {positions.shape[0]} learned positions: set "
+            f"--model.backbone.max_len to at most {positions.shape[0]} (here {max_len})"
+        )
+    state["backbone.positions.weight"] = positions[:max_len]
+    return state
