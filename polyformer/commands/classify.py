@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
         paths = args.images[start : start + args.batch_size]
         batch = torch.stack([transform(_open(p)) for p in paths])  # (B, C, H, W)
         with torch.inference_mode():
-            probs, classes = task(batch).softmax(dim=-1).topk(top, dim=-1)
+            probs, classes = task.model(batch).softmax(dim=-1).topk(top, dim=-1)
         for path, p, c in zip(paths, probs.tolist(), classes.tolist()):
             print(f"{path}: " + ", ".join(f"{names[k]} {q:.3f}" for k, q in zip(c, p)))
     return 0

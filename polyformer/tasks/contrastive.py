@@ -28,7 +28,7 @@ from polyformer.data.image_text import tokenize
 from polyformer.data.tokenizers import Tokenizer
 from polyformer.tasks.base import OptimizerConfig, TaskModule
 from polyformer.tasks.contrastive_loss import contrastive_loss, gather_uneven, retrieval_recall, topk_hits
-from polyformer.tasks.vision import ImageTower
+from polyformer.models.image_tower import ImageTower
 
 
 @dataclass

@@ -123,12 +123,16 @@ def _files(name_or_path: str) -> tuple[Path, Path]:
     from huggingface_hub import hf_hub_download
 
     try:
-        return tuple(Path(hf_hub_download(name_or_path, f)) for f in ("config.json", "model.safetensors"))
+        config, weights = (Path(hf_hub_download(name_or_path, f)) for f in ("config.json", "model.safetensors"))
+        return config, weights
     except Exception as e:  # offline, no network, unknown repository
-        raise ConnectionError(
-            f"cannot fetch GPT-2 weights {name_or_path!r} from the Hugging Face hub ({type(e).__name__}); it needs the "
-            "network once (then it is cached), or give a local save_pretrained folder: init_from='hf:<folder>'"
-        ) from None
+        failure = type(e).__name__
+    # Raised outside the except block, so the hub's own message is not even the context: the CLI, which reports the
+    # innermost error of a chain, shows this one.
+    raise ConnectionError(
+        f"cannot fetch GPT-2 weights {name_or_path!r} from the Hugging Face hub ({failure}); it needs the network "
+        "once (then it is cached), or give a local save_pretrained folder: init_from='hf:<folder>'"
+    )
 
 
 def load_hf_gpt2(name: str, model: GPT) -> dict[str, Tensor]:

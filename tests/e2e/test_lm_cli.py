@@ -1,5 +1,6 @@
 """The README's main job as a user runs it: `polyformer fit --config configs/lm/tiny.yaml` (a few dozen steps), then
-`polyformer generate` from its checkpoint; plus the config interface (print, override, typo) and readable errors."""
+`polyformer generate` from its checkpoint; fine-tuning from GPT-2 weights (`--model.init_from=hf:<folder>`); plus the
+config interface (print, override, typo) and readable errors."""
 
 import csv
 from pathlib import Path
@@ -65,3 +66,36 @@ def test_print_config_override_and_typo(tmp_path):
 def test_generate_errors_are_one_line(tmp_path):
     missing = run_cli(["generate", "--ckpt", str(tmp_path / "nope.ckpt"), "--prompt", "x"], cwd=tmp_path)
     assert missing.returncode == 1 and "checkpoint not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_fine_tunes_from_a_local_gpt2_folder_and_says_what_does_not_fit(tmp_path):
+    import torch
+    import transformers  # a dev dependency (the [dev] extra)
+
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny-gpt2"  # not "gpt2": a folder of that name in the working directory is what hf:gpt2 reads
+    # GPT-2's layout at the preset's context and BPE size, small: what `hf:gpt2` is at full size.
+    config = transformers.GPT2Config(vocab_size=2048, n_positions=128, n_embd=64, n_layer=2, n_head=4,
+                                     bos_token_id=0, eos_token_id=0)  # fmt: skip
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    gpt2 = ["--model.init_args.backbone.width=64", "--model.init_args.backbone.depth=2",
+            "--model.init_args.backbone.heads=4", "--model.init_args.backbone.activation=gelu_tanh"]  # fmt: skip
+    env = {"POLYFORMER_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    fit = run_cli(
+        ["fit", "--config", TINY, *gpt2, f"--model.init_args.init_from=hf:{folder}", "--trainer.max_steps=2",
+         "--trainer.limit_val_batches=1", "--trainer.val_check_interval=2", "--model.init_args.samples.prompts=[]",
+         "--trainer.logger=false"],
+        cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-3000:]
+
+    # vocab_size given: the model is built (and the weights checked) before any data is prepared.
+    sized = [*gpt2[:2], "--model.init_args.backbone.heads=8", "--model.init_args.vocab_size=2048"]
+    source = f"--model.init_args.init_from=hf:{folder}"
+    wrong = run_cli(["fit", "--config", TINY, *sized, source], cwd=tmp_path, env=env)
+    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr, wrong.stderr[-2000:]
+    assert "--model.backbone.heads=4 (here 8), --model.backbone.activation='gelu_tanh' (here 'gelu')" in wrong.stderr
+    offline = run_cli(["fit", "--config", TINY, *sized, "--model.init_args.init_from=hf:gpt2"], cwd=tmp_path, env=env)
+    assert offline.returncode == 1 and "it needs the network once" in offline.stderr, offline.stderr[-2000:]
+    old = run_cli(["fit", "--config", TINY, *sized, "--model.init_args.init_from=gpt2"], cwd=tmp_path, env=env)
+    assert old.returncode == 1 and "names no weight source" in old.stderr and "hf:gpt2" in old.stderr

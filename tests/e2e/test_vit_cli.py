@@ -117,3 +117,40 @@ def test_missing_image_folder_is_one_clear_cli_error(tmp_path):
     assert result.returncode == 1
     assert "image folder not found" in result.stderr and "nowhere" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_fit_from_timm_weights_in_a_local_file(tmp_path):
+    """`--model.init_from=timm:<name>@<file>` through the CLI: timm adapts its weights to the digits (one channel,
+    positions for 32x32), and the checkpoint carries them: it loads after the file is gone."""
+    import timm
+    import torch
+
+    from polyformer.checkpointing.loading import load_task
+
+    torch.manual_seed(0)
+    theirs = timm.create_model("test_vit", pretrained=False)  # 3 channels, 160x160, 1000 classes
+    weights = tmp_path / "test_vit.pth"
+    torch.save(theirs.state_dict(), weights)
+    result = run_cli(
+        [
+            "fit", "--config", DIGITS, f"--model.init_from=timm:test_vit@{weights}",
+            "--model.backbone.width=64", "--model.backbone.depth=6", "--model.backbone.heads=2",
+            "--model.backbone.mlp_ratio=3.0", "--model.patch_size=16", "--data.image_size=32",
+            "--model.optimizer.lr=1e-12",  # one step that leaves the weights as loaded
+            "--trainer.max_steps=1", "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.logger=false",
+        ],
+        tmp_path, env=ONE_THREAD,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (ckpt,) = tmp_path.rglob("last.ckpt")
+    stored = torch.load(ckpt, weights_only=True)["polyformer"]["hyper_parameters"]
+    assert stored["init_from"] == f"timm:test_vit@{weights}"  # where the run started, on record
+    weights.unlink()  # the checkpoint's own weights replace init_from, which is not read again
+    task = load_task(ckpt)
+    fc2 = theirs.blocks[5].mlp.fc2.weight
+    torch.testing.assert_close(task.model.tower.encoder.blocks[5].mlp.fc2.weight, fc2, rtol=0, atol=1e-6)
+    # One input channel: timm sums the RGB filters of the patch projection.
+    patch = theirs.patch_embed.proj.weight.sum(dim=1, keepdim=True)
+    torch.testing.assert_close(task.model.tower.patch.proj.weight, patch, rtol=0, atol=1e-5)
