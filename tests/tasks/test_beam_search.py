@@ -64,10 +64,9 @@ def model() -> Translation:
     tok = byte_level()
     task = Translation(TransformerConfig(width=32, depth=2, heads=4, dropout=0.0), vocab_size=tok.vocab_size,
                        source_vocab_size=tok.vocab_size)  # fmt: skip
-    task.set_tokenizers(tok)
-    task.configure_model()
+    task.set_tokenizers(tok)  # every size given: the model exists already, no data module needed
     with torch.no_grad():  # a peaked random model whose eos logit is 0: decodes run long, ties are unlikely
-        task.target_embed.weight.mul_(8)[tok.eos_id] = 0.0
+        task.model.target_embed.weight.mul_(8)[tok.eos_id] = 0.0
     return task.eval()
 
 
