@@ -37,10 +37,7 @@ def main(argv: list[str]) -> int:
     else:
         if not model.class_names:
             raise ValueError(f"{args.ckpt} has no class names: give --texts")
-        texts = model.class_names
-        with torch.no_grad():
-            classifier = model.class_embeddings(texts, model.prompts)  # (C, E)
-            probs = (model.scale() * model.encode_image(images) @ classifier.T).softmax(dim=-1)
+        texts, probs = model.class_names, model.score_classes(images)
     for path, row in zip(args.images, probs.tolist()):
         if args.json:
             print(json.dumps({"image": path, "scores": dict(zip(texts, row))}))
