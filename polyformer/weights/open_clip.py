@@ -1,19 +1,36 @@
 """CLIP weights from open_clip (Ilharco et al. 2021, github.com/mlfoundations/open_clip: `open_clip.model.CLIP`, the
-OpenAI layout) or from Hugging Face `transformers.CLIPModel`, converted to `polyformer.tasks.contrastive.CLIP`.
+OpenAI layout) or from Hugging Face `transformers.CLIPModel`, into `polyformer.models.clip.CLIP`.
 
 Both references are pre-LN ViT + causal text transformers like ours; the differences are names and layouts:
 open_clip keeps fused `in_proj` (rows q, k, v, as our `qkv`), projections as (width, embed) matrices applied as
 x @ proj (our Linear weight is the transpose), a bias-free patch convolution (ours has a bias: zero) and the class
-token as a (D,) vector. transformers splits q/k/v. Activation (GELU or QuickGELU for OpenAI's weights) and heads
-are not in the weights: set them in the config. Legend: D width, E embed dim, N patches.
+token as a (D,) vector. transformers splits q/k/v.
+
+`convert_open_clip` / `convert_hf_clip` map one state dict to ours and say what its shapes need (widths, depths,
+MLP ratio, patch and image size, context length, embedding dim, vocabulary); `open_clip_config` / `hf_clip_config`
+add what only the reference model knows: heads, activation (GELU, or QuickGELU for OpenAI's weights), norm eps and
+the token the text tower pools at. `load_open_clip` is `init_from="open_clip:<name>@<pretrained tag | weights
+file>"`, `load_hf_clip` is `init_from="hf:<hub name | save_pretrained folder>"`.
+Covered: ViT image towers with class-token pooling and the standard text tower. Refused with a message: ResNet or
+timm image towers, custom (Hugging Face) text towers, attentional pooling, SigLIP's logit bias, layer scale.
+Legend: D width, E embed dim, N patches.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from polyformer.weights import check_fits, zero_bias
+
+if TYPE_CHECKING:
+    from polyformer.models.clip import CLIP
 
 _BLOCK = {  # open_clip residual block -> our Block
     "ln_1": "norm1",
@@ -52,6 +69,19 @@ _HF = {
     "logit_scale": "logit_scale",
 }
 
+# What every CLIP tower of both references is, whatever its size: pre-LN blocks with biases and a final norm, plain
+# multi-head attention; the text tower causal with learned positions (dropout may differ).
+_TOWER_LAYOUT = {"backbone.kv_heads": None, "backbone.norm": "layernorm", "backbone.prenorm": True,
+                 "backbone.final_norm": True, "backbone.bias": True, "backbone.cross_attention": False,
+                 "backbone.window": None}  # fmt: skip
+_LAYOUT = {
+    **{f"image.{k}": v for k, v in _TOWER_LAYOUT.items()},
+    **{f"text.{k}": v for k, v in _TOWER_LAYOUT.items()},
+    "image.pool": "cls",
+    "text.backbone.position": "learned",
+    "text.backbone.causal": True,
+}
+
 
 def _rename(key: str, table: dict[str, str]) -> str | None:
     for old, new in table.items():
@@ -60,21 +90,49 @@ def _rename(key: str, table: dict[str, str]) -> str | None:
     return None
 
 
-def convert_open_clip(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """An open_clip `CLIP` or a transformers `CLIPModel` state dict -> our CLIP task's state dict (ViT towers only)."""
+def _shape_config(out: dict[str, Tensor]) -> dict[str, Any]:
+    """The `--model.` keys a converted CLIP state dict (our keys) fixes by its shapes."""
+    config: dict[str, Any] = dict(_LAYOUT)
+    for tower in ("image", "text"):
+        blocks = {k.split(".")[3] for k in out if k.startswith(f"{tower}.encoder.blocks.")}
+        width = out[f"{tower}.encoder.norm.weight"].shape[0]
+        config[f"{tower}.backbone.width"] = width
+        config[f"{tower}.backbone.depth"] = len(blocks)
+        config[f"{tower}.backbone.mlp_ratio"] = out[f"{tower}.encoder.blocks.0.mlp.fc1.weight"].shape[0] / width
+    patch = out["image.patch.proj.weight"]  # (D, C, p, p)
+    side = math.isqrt(out["image.pos_embed"].shape[1] - 1)  # positions: class token + side x side patches
+    config.update({
+        "image.patch_size": patch.shape[-1],
+        "image.channels": patch.shape[1],
+        "image.image_size": side * patch.shape[-1],
+        "image.norm_pre": "image.norm_pre.weight" in out,
+        "text.backbone.max_len": out["text.encoder.positions.weight"].shape[0],
+        "embed_dim": out["image_proj.weight"].shape[0],
+        "vocab_size": out["text.embed.weight"].shape[0],
+    })  # fmt: skip
+    return config
+
+
+def _finish(out: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    zero_bias(out, "image.patch.proj.weight")  # CLIP's patch convolution has no bias; ours is zero: the same function
+    out["logit_scale"] = out["logit_scale"].reshape(1)  # ours is (1,): FSDP shards no 0-d parameters
+    return _shape_config(out), out
+
+
+def convert_open_clip(state_dict: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """An open_clip `CLIP` (ViT) state dict -> (the `--model.` keys its shapes need, a `CLIP` state dict)."""
     sd = {k.removeprefix("module."): v for k, v in state_dict.items()}  # open_clip training checkpoints: DDP prefix
-    if "text_model.embeddings.token_embedding.weight" in sd:
-        return _convert_hf(sd)
     if "visual.conv1.weight" not in sd or "token_embedding.weight" not in sd:
         raise ValueError(
-            "not an open_clip CLIP (ViT) or transformers CLIPModel state dict: expected 'visual.conv1.weight' and "
-            f"'token_embedding.weight' (or 'text_model.*'), got keys like {sorted(sd)[:5]}"
+            "not an open_clip CLIP (ViT) state dict: expected 'visual.conv1.weight' and 'token_embedding.weight', got "
+            f"keys like {sorted(sd)[:5]} (a transformers CLIPModel goes through convert_hf_clip)"
         )
     out: dict[str, Tensor] = {}
     for key, value in sd.items():
-        if m := re.match(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)", key):
-            tower = "image" if m[1] else "text"
-            out[f"{tower}.encoder.blocks.{m[2]}.{_rename(m[3], _BLOCK)}"] = value
+        if m := re.fullmatch(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)", key):
+            if (inner := _rename(m[3], _BLOCK)) is None:
+                raise ValueError(f"open_clip key {key!r} (layer scale or a norm our blocks lack) has no counterpart")
+            out[f"{'image' if m[1] else 'text'}.encoder.blocks.{m[2]}.{inner}"] = value
         elif key == "visual.class_embedding":
             out["image.patch.cls_token"] = value.reshape(1, 1, -1)  # (D,) -> (1, 1, D)
         elif key == "visual.positional_embedding":
@@ -83,30 +141,39 @@ def convert_open_clip(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
             out["image_proj.weight"] = value.T  # x @ (D, E) == Linear with weight (E, D)
         elif key == "text_projection":
             out["text_proj.weight"] = value.T
-        elif key in ("attn_mask", "logit_bias") or key.startswith("visual.attn_pool"):
-            if key != "attn_mask":
-                raise ValueError(f"{key!r} (SigLIP bias / attentional pooling) has no counterpart in our CLIP")
+        elif key == "attn_mask":  # the causal mask, a buffer of old checkpoints: ours is built in
+            continue
+        elif key == "logit_bias" or key.startswith("visual.attn_pool"):
+            raise ValueError(f"{key!r} (SigLIP bias / attentional pooling) has no counterpart in our CLIP")
         elif (new := _rename(key, _OPEN_CLIP)) is not None:
             out[new] = value
         else:
             raise ValueError(f"open_clip key {key!r} has no counterpart in our CLIP (a non-ViT or custom model?)")
-    out["image.patch.proj.bias"] = torch.zeros(out["image.patch.proj.weight"].shape[0])  # CLIP's conv has no bias
-    out["logit_scale"] = out["logit_scale"].reshape(1)  # ours is (1,): FSDP shards no 0-d parameters
-    return out
+    if "image.patch.cls_token" not in out:
+        raise ValueError("open_clip ViT without a class token: our CLIP pools the image at its class token")
+    return _finish(out)
 
 
-def _convert_hf(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+def convert_hf_clip(state_dict: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """A transformers `CLIPModel` state dict -> (the `--model.` keys its shapes need, a `CLIP` state dict)."""
+    if "text_model.embeddings.token_embedding.weight" not in state_dict:
+        raise ValueError(
+            "not a transformers CLIPModel state dict: expected 'text_model.embeddings.token_embedding.weight', got "
+            f"keys like {sorted(state_dict)[:5]}"
+        )
     out: dict[str, Tensor] = {}
-    qkv: dict[str, dict[str, Tensor]] = {}  # our prefix -> {"q.weight": ..., ...}, fused once all three are seen
-    for key, value in sd.items():
-        if key.endswith("position_ids"):
+    qkv: dict[str, dict[str, Tensor]] = {}  # our key -> {"q": ..., "k": ..., "v": ...}, fused once all are seen
+    for key, value in state_dict.items():
+        if key.endswith("position_ids"):  # a buffer of index ranges in older transformers
             continue
-        if m := re.match(r"(vision|text)_model\.encoder\.layers\.(\d+)\.(.+)", key):
+        if m := re.fullmatch(r"(vision|text)_model\.encoder\.layers\.(\d+)\.(.+)", key):
             prefix = f"{'image' if m[1] == 'vision' else 'text'}.encoder.blocks.{m[2]}"
-            if pm := re.match(r"self_attn\.([qkv])_proj\.(weight|bias)", m[3]):
+            if pm := re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", m[3]):
                 qkv.setdefault(f"{prefix}.attn.qkv.{pm[2]}", {})[pm[1]] = value
+            elif (inner := _rename(m[3], _HF_BLOCK)) is not None:
+                out[f"{prefix}.{inner}"] = value
             else:
-                out[f"{prefix}.{_rename(m[3], _HF_BLOCK)}"] = value
+                raise ValueError(f"transformers CLIPModel key {key!r} has no counterpart in our CLIP")
         elif key == "vision_model.embeddings.class_embedding":
             out["image.patch.cls_token"] = value.reshape(1, 1, -1)
         elif key == "vision_model.embeddings.position_embedding.weight":
@@ -117,6 +184,146 @@ def _convert_hf(sd: dict[str, Tensor]) -> dict[str, Tensor]:
             raise ValueError(f"transformers CLIPModel key {key!r} has no counterpart in our CLIP")
     for name, parts in qkv.items():
         out[name] = torch.cat([parts["q"], parts["k"], parts["v"]])  # rows q, k, v as our fused projection
-    out["image.patch.proj.bias"] = torch.zeros(out["image.patch.proj.weight"].shape[0])
-    out["logit_scale"] = out["logit_scale"].reshape(1)
-    return out
+    return _finish(out)
+
+
+def _activation(act: nn.Module | str) -> str:
+    """Our activation name for an open_clip activation module or a transformers `hidden_act` string."""
+    if isinstance(act, str):
+        name = {"quick_gelu": "quick_gelu", "gelu": "gelu"}.get(act)
+    elif type(act).__name__ == "QuickGELU":
+        name = "quick_gelu"
+    else:
+        name = "gelu" if isinstance(act, nn.GELU) and act.approximate == "none" else None
+    if name is None:
+        raise ValueError(f"CLIP activation {act!r} is not supported (gelu, quick_gelu)")
+    return name
+
+
+def open_clip_config(model: nn.Module) -> dict[str, Any]:
+    """The `--model.` keys an open_clip `CLIP` (ViT) fixes beyond its shapes: heads, activation, norm eps, and the
+    token its text tower pools at ('argmax' pooling is the highest id: OpenAI's end-of-text, vocab_size - 1)."""
+    visual = model.visual
+    if not hasattr(visual, "conv1") or not hasattr(model, "token_embedding"):
+        raise ValueError(f"open_clip {type(model).__name__} with a {type(visual).__name__} image tower is not a ViT "
+                         "CLIP with the standard text tower; only those load into polyformer's CLIP")  # fmt: skip
+    if getattr(visual, "pool_type", "tok") != "tok" or getattr(visual, "attn_pool", None) is not None:
+        raise ValueError(f"open_clip image pooling {visual.pool_type!r} is not supported (class token only)")
+    pool = model.text_pool_type
+    if pool == "argmax":
+        eos_id = model.vocab_size - 1
+    elif pool == "eos":
+        eos_id = model.text_eos_id
+    else:
+        raise ValueError(f"open_clip text pooling {pool!r} is not supported (argmax or eos)")
+    config: dict[str, Any] = {"eos_id": eos_id}
+    for tower, blocks in (("image", visual.transformer.resblocks), ("text", model.transformer.resblocks)):
+        config[f"{tower}.backbone.heads"] = blocks[0].attn.num_heads
+        config[f"{tower}.backbone.activation"] = _activation(blocks[0].mlp.gelu)
+        config[f"{tower}.backbone.norm_eps"] = blocks[0].ln_1.eps
+    return config
+
+
+def hf_clip_config(config: Any) -> dict[str, Any]:
+    """The `--model.` keys a transformers `CLIPConfig` fixes beyond the shapes: heads, activation, norm eps, and the
+    token the text tower pools at (`eos_token_id`; the legacy value 2 means the highest id, as open_clip's argmax)."""
+    text, vision = config.text_config, config.vision_config
+    return {
+        "image.backbone.heads": vision.num_attention_heads,
+        "image.backbone.activation": _activation(vision.hidden_act),
+        "image.backbone.norm_eps": vision.layer_norm_eps,
+        "text.backbone.heads": text.num_attention_heads,
+        "text.backbone.activation": _activation(text.hidden_act),
+        "text.backbone.norm_eps": text.layer_norm_eps,
+        "eos_id": text.vocab_size - 1 if text.eos_token_id == 2 else text.eos_token_id,
+    }
+
+
+def model_config(model: CLIP) -> dict[str, Any]:
+    """A CLIP's config as the dotted `--model.` keys `check_fits` compares."""
+
+    def flat(value: Any, prefix: str) -> dict[str, Any]:
+        if dataclasses.is_dataclass(value):
+            return {
+                k: v
+                for f in dataclasses.fields(value)
+                for k, v in flat(getattr(value, f.name), f"{prefix}{f.name}.").items()
+            }
+        return {prefix.removesuffix("."): value}
+
+    return flat(model.cfg, "")
+
+
+def load_open_clip(name: str, model: CLIP) -> dict[str, Tensor]:
+    """`init_from="open_clip:<name>@<tag or file>"`: the open_clip model `name` (e.g. ViT-B-32) with the weights of a
+    pretrained tag (e.g. openai, laion2b_s34b_b79k: fetched once from the hub, then cached) or of a local file, as
+    `model`'s complete state dict, after checking that `model` has that architecture (every differing key named at
+    once). A tag trained with QuickGELU (OpenAI's) builds the model with it; a file gets the activation of `name`
+    (name the -quickgelu variant for OpenAI weights in a file). Dropout and other training-only settings are not
+    compared."""
+    import open_clip
+
+    arch, _, weights = name.partition("@")
+    source = f"open_clip:{name}"
+    if not weights:
+        raise ValueError(
+            f"init_from={source!r} names no weights: add a pretrained tag or a local file, e.g. "
+            f"open_clip:{arch}@openai (tags for {arch}: {open_clip.list_pretrained_tags_by_model(arch) or 'none'})"
+        )
+    tag = open_clip.get_pretrained_cfg(arch, weights)
+    if not tag:
+        file = Path(weights).expanduser()
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"init_from={source!r}: {weights!r} is neither a pretrained tag of {arch} "
+                f"({', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none known'}) nor a weights file"
+            )
+        weights = str(file)
+    failure = None
+    try:
+        theirs = open_clip.create_model(
+            arch, pretrained=weights, force_quick_gelu=bool(tag.get("quick_gelu")), require_pretrained=True
+        )
+    except RuntimeError as e:  # open_clip's error for unknown names, unreadable files and failed downloads alike
+        if "Failed to download" not in str(e):
+            raise ValueError(f"init_from={source!r}: {e}") from None
+        failure = type(e.__cause__ or e).__name__
+    if failure is not None:
+        # Raised outside the except block, so the hub's own message is not even the context: the CLI, which reports
+        # the innermost error of a chain, shows this one.
+        raise ConnectionError(
+            f"cannot fetch open_clip weights {name!r} from the hub ({failure}); it needs the network once (then it is "
+            f"cached), or give a local file: init_from='open_clip:{arch}@<weights file>'"
+        )
+    config, state = convert_open_clip(theirs.state_dict())
+    check_fits(model_config(model), {**config, **open_clip_config(theirs)}, source)
+    return state
+
+
+def load_hf_clip(name: str, model: CLIP) -> dict[str, Tensor]:
+    """`init_from="hf:<name>"`: a transformers `CLIPModel` (a hub name such as openai/clip-vit-base-patch32, fetched
+    once and cached, or a local `save_pretrained` folder) as `model`'s complete state dict, after checking that
+    `model` has its architecture (every differing key named at once). Dropout is not compared."""
+    from transformers import CLIPModel
+
+    source = f"hf:{name}"
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        theirs = CLIPModel.from_pretrained(str(folder))
+    elif name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"CLIPModel folder not found: {folder}")
+    else:
+        theirs, failure = None, ""
+        try:
+            theirs = CLIPModel.from_pretrained(name)
+        except OSError as e:  # offline, no network, unknown repository
+            failure = type(e).__name__
+        if theirs is None:
+            # Raised outside the except block (see load_open_clip).
+            raise ConnectionError(
+                f"cannot fetch CLIP weights {name!r} from the Hugging Face hub ({failure}); it needs the network once "
+                "(then it is cached), or give a local save_pretrained folder: init_from='hf:<folder>'"
+            )
+    config, state = convert_hf_clip(theirs.state_dict())
+    check_fits(model_config(model), {**config, **hf_clip_config(theirs.config)}, source)
+    return state
