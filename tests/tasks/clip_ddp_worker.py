@@ -56,7 +56,7 @@ def loss_and_grads(model: torch.nn.Module, images: torch.Tensor, tokens: torch.T
 
 def evaluate(model: CLIP, images: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     with torch.no_grad():
-        model._eval = {"image": [model.encode_image(images)], "text": [model.encode_text(tokens)]}
+        model._eval = {"image": [model.model.encode_image(images)], "text": [model.model.encode_text(tokens)]}
     model._eval.update(tokens=[tokens], label=[labels])
     return model.evaluate("val")
 
@@ -70,7 +70,7 @@ def main(out_dir: str) -> None:
     result = loss_and_grads(DistributedDataParallel(model), images[rows], tokens[rows])
     e_images, e_tokens, e_labels = make_data(EVAL_SIZE, seed=2)
     result["metrics"] = evaluate(model, e_images[rank::world], e_tokens[rank::world], e_labels[rank::world])
-    result["per_class"] = model.zero_shot_per_class
+    result["per_class"] = model.per_class_top1
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 

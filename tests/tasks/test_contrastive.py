@@ -1,5 +1,6 @@
 """CLIP task: the loss against its formula, text pooling, temperature clamp, zero-shot and retrieval metrics on
-hand-built cases, checkpoint round trip and a tiny Lightning fit."""
+hand-built cases, what it takes from the data module's `DataInfo`, media(), checkpoint round trip and a tiny Lightning
+fit."""
 
 import math
 
@@ -11,9 +12,11 @@ import torch.nn.functional as F
 from polyformer.backbone import TransformerConfig
 from polyformer.checkpointing.loading import load_task
 from polyformer.data.image_text import ImageTextData, tokenize
-from polyformer.data.tokenizers import byte_level
+from polyformer.data.info import DataInfo
+from polyformer.data.tokenizers import byte_level, decode_rows
 from polyformer.tasks.contrastive import CLIP, ImageEncoderConfig, TextEncoderConfig
 from polyformer.tasks.contrastive_loss import contrastive_loss, gather_uneven, retrieval_recall, topk_hits
+from polyformer.tasks.media import Heatmap, MediaRequest, Scalars, Table
 
 
 def tiny_clip(**kw) -> CLIP:
@@ -71,10 +74,11 @@ def test_text_tower_pools_last_end_of_text_and_ignores_padding():
     assert tokens[0, 0] == tok.eos_id == tok.bos_id  # byte-level: bos is eos, so pooling must take the last one
     padded = tokens.clone()
     padded[0, 7:] = 123  # anything after end-of-text is invisible under the causal mask
+    clip = model.model
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_text(padded), model.encode_text(tokens))
-        pooled = model.text(tokens)
-        full = model.text.encoder(model.text.embed(tokens))
+        torch.testing.assert_close(clip.encode_text(padded), clip.encode_text(tokens))
+        pooled = clip.text(tokens)
+        full = clip.text.encoder(clip.text.embed(tokens))
     torch.testing.assert_close(pooled[0], full[0, 6])  # [eos] s e v e n [eos]: position 6
     # Too long: cut, and end-of-text is kept as the last token.
     long = tokenize(tok, ["x" * 40], 12)
@@ -82,11 +86,11 @@ def test_text_tower_pools_last_end_of_text_and_ignores_padding():
 
 
 def test_logit_scale_starts_at_one_over_007_and_is_clamped_at_100():
-    model = tiny_clip()
-    assert model.scale().item() == pytest.approx(1 / 0.07, rel=1e-5)
+    clip = tiny_clip().model
+    assert clip.scale().item() == pytest.approx(1 / 0.07, rel=1e-5)
     with torch.no_grad():
-        model.logit_scale.fill_(math.log(1000.0))
-    assert model.scale().item() == pytest.approx(100.0)
+        clip.logit_scale.fill_(math.log(1000.0))
+    assert clip.scale().item() == pytest.approx(100.0)
 
 
 def test_zero_shot_uses_averaged_normalized_prompt_embeddings():
@@ -94,7 +98,7 @@ def test_zero_shot_uses_averaged_normalized_prompt_embeddings():
     names, prompts = ["zero", "one"], ["{}", "a photo of {}"]
     classifier = model.class_embeddings(names, prompts)
     with torch.no_grad():
-        each = model.encode_text(tokenize(model.tokenizer, [p.format(n) for n in names for p in prompts], 12))
+        each = model.model.encode_text(tokenize(model.tokenizer, [p.format(n) for n in names for p in prompts], 12))
     expected = F.normalize(each.view(2, 2, -1).mean(1), dim=-1)
     torch.testing.assert_close(classifier, expected)
 
@@ -104,6 +108,39 @@ def test_score_returns_probabilities_over_texts():
     probs = model.score(torch.randn(3, 1, 8, 8), ["zero", "one", "two", "three"])
     assert probs.shape == (3, 4)
     torch.testing.assert_close(probs.sum(-1), torch.ones(3))
+
+
+def test_score_classes_averages_the_stored_prompts():
+    model = tiny_clip().eval()
+    model.class_names, model.prompts = ["zero", "one", "two"], ["{}", "a photo of {}"]
+    images = torch.randn(2, 1, 8, 8)
+    probs = model.score_classes(images)
+    with torch.no_grad():
+        classifier = model.class_embeddings(["zero", "one", "two"], model.prompts)  # (C, E)
+        logits = model.model.scale() * model.model.encode_image(images) @ classifier.T
+    torch.testing.assert_close(probs, logits.softmax(-1))
+    model.class_names = None
+    with pytest.raises(ValueError, match="no class names"):
+        model.score_classes(images)
+
+
+def test_sizes_tokenizer_classes_and_preprocessing_come_from_data_info():
+    image = ImageEncoderConfig(TransformerConfig(width=16, depth=1, heads=2, dropout=0.0, position="none"), 8, 4, 1)
+    text = TextEncoderConfig(
+        TransformerConfig(width=16, depth=1, heads=2, dropout=0.0, position="learned", max_len=12, causal=True)
+    )
+    model = CLIP(image=image, text=text, embed_dim=8)
+    assert model.model is None and model.missing_sizes() == ["vocab_size", "eos_id"]
+    tok = byte_level()
+    info = DataInfo(tokenizer=tok, vocab_size=tok.vocab_size, eos_id=tok.eos_id, class_names=("zero", "one"),
+                    prompts=("{}",), image_size=8, channels=1, mean=(0.5,), std=(0.5,))  # fmt: skip
+    model.connect_data(info)
+    assert model.build() and model.model.cfg.vocab_size == tok.vocab_size and model.model.cfg.eos_id == tok.eos_id
+    assert model.hparams["vocab_size"] == tok.vocab_size and model.hparams["eos_id"] == tok.eos_id  # checkpointed
+    assert model.tokenizer is tok and model.class_names == ["zero", "one"] and model.prompts == ["{}"]
+    assert model.preprocess == {"image_size": 8, "channels": 1, "mean": (0.5,), "std": (0.5,)}
+    with pytest.raises(ValueError, match="3-channel images but model.image.channels is 1"):
+        model.connect_data(DataInfo(channels=3))
 
 
 def test_bad_configs_fail_clearly():
@@ -139,8 +176,9 @@ def test_tiny_fit_logs_metrics_and_checkpoint_round_trips(tmp_path):
     metrics = trainer.callback_metrics
     for key in ("train/loss", "val/zero_shot_top1", "val/zero_shot_top5", "val/image_to_text_R@10"):
         assert key in metrics and torch.isfinite(metrics[key])
-    assert set(model.zero_shot_per_class) == set(data.class_names)
-    assert len(model.retrieval_examples) == 8 and "\x00" not in model.retrieval_examples[0]["caption"]
+    assert set(model.per_class_top1) == set(data.class_names)
+    assert len(model.retrievals) == 8 and "\x00" not in model.retrievals[0].caption
+    assert len(model.retrievals[0].retrieved) == len(model.retrievals[0].scores) == 3
     ckpt = tmp_path / "clip.ckpt"
     trainer.save_checkpoint(ckpt)
     loaded = load_task(ckpt, expected=CLIP)
@@ -148,3 +186,52 @@ def test_tiny_fit_logs_metrics_and_checkpoint_round_trips(tmp_path):
     assert loaded.preprocess["image_size"] == 8 and loaded.preprocess["mean"] == [0.5]
     images = torch.randn(2, 1, 8, 8)
     torch.testing.assert_close(loaded.score(images, ["one", "two"]), model.eval().score(images, ["one", "two"]))
+
+
+def test_media_shows_similarity_zero_shot_per_class_and_retrieval(tmp_path):
+    """After a validation: the similarity heatmap of the first validation batch (what its validation step computed),
+    zero-shot top-1 per class as a table and scalars, and the nearest captions of the first evaluation images."""
+    L.seed_everything(0)
+    image = ImageEncoderConfig(TransformerConfig(width=16, depth=1, heads=2, dropout=0.0, position="none"), 8, 4, 1)
+    text = TextEncoderConfig(
+        TransformerConfig(width=16, depth=1, heads=2, dropout=0.0, position="learned", max_len=32, causal=True)
+    )
+    model = CLIP(image=image, text=text, embed_dim=8)
+    data = ImageTextData(batch_size=32, eval_batch_size=16, context_length=32)
+    trainer = L.Trainer(
+        max_steps=1, limit_val_batches=2, logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
+        enable_model_summary=False, enable_checkpointing=False, val_check_interval=1, check_val_every_n_epoch=None,
+    )  # fmt: skip
+    trainer.fit(model, data)
+    batch = {k: v[:6] for k, v in next(iter(data.val_dataloader())).items()}  # the callback's first rows
+    items = model.media(batch, MediaRequest(num_samples=3, similarity_size=4))
+    by_key = {getattr(item, "key", "scalars"): item for item in items}
+    assert set(by_key) == {"similarity", "zero_shot_per_class", "scalars", "retrieval"}
+
+    heatmap = by_key["similarity"]
+    assert isinstance(heatmap, Heatmap) and heatmap.matrix.shape == (4, 4)
+    with torch.no_grad():
+        expected = model.eval().model.similarity(batch["image"][:4], batch["text"][:4])
+    torch.testing.assert_close(heatmap.matrix, expected, rtol=1e-4, atol=1e-4)
+    assert heatmap.xlabels == decode_rows(data.tokenizer, batch["text"][:4]) and len(heatmap.ylabels) == 4
+
+    per_class = by_key["zero_shot_per_class"]
+    assert isinstance(per_class, Table) and per_class.columns == ["class", "top1"]
+    assert [row[0] for row in per_class.rows] == [c for c in data.class_names if c in model.per_class_top1]
+    scalars = by_key["scalars"]
+    assert isinstance(scalars, Scalars)
+    assert scalars.values == {f"val/zero_shot_top1/{c}": v for c, v in model.per_class_top1.items()}
+
+    retrieval = by_key["retrieval"]
+    assert isinstance(retrieval, Table) and retrieval.columns == ["image", "caption", "retrieved (cosine)"]
+    assert len(retrieval.rows) == 3
+    for i, (picture, caption, retrieved) in enumerate(retrieval.rows):
+        assert torch.equal(picture, batch["image"][i])  # the gathered set starts with this batch
+        assert caption == decode_rows(data.tokenizer, batch["text"][i : i + 1])[0]
+        assert retrieved.count(" | ") == 2
+    # Without images in the batch the table keeps its text columns.
+    text_only = model.media({"text": batch["text"]}, MediaRequest(num_samples=3, similarity_size=4))
+    assert next(i for i in text_only if getattr(i, "key", "") == "retrieval").columns == [
+        "caption",
+        "retrieved (cosine)",
+    ]

@@ -60,5 +60,5 @@ def test_two_process_loss_gradients_and_metrics_equal_one_process(tmp_path):
             assert grad.abs().max() > 0, f"{name} got no gradient in the reference"
             torch.testing.assert_close(rank["grads"][name], grad, msg=lambda m, n=name: f"{n}: {m}")
         assert rank["metrics"] == ref_metrics  # computed on the gathered set, identical on every rank
-        assert rank["per_class"] == model.zero_shot_per_class
+        assert rank["per_class"] == model.per_class_top1
     assert {"val/zero_shot_top1", "val/image_to_text_R@1", "val/text_to_image_R@10"} <= ref_metrics.keys()
