@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import ROOT, run_cli
 
+from polyformer.backbone import TransformerConfig
 from polyformer.checkpointing import (
     CHECKPOINT_FORMAT,
     CheckpointError,
@@ -19,6 +20,7 @@ from polyformer.checkpointing import (
     read_checkpoint,
     upgrade,
 )
+from polyformer.models.clip import ImageEncoderConfig, TextEncoderConfig
 from polyformer.tasks.contrastive import CLIP
 from polyformer.tasks.language_model import LanguageModel
 
@@ -68,6 +70,21 @@ def test_format1_clip_with_a_scalar_logit_scale_loads():
     assert probs.shape == (2, 2) and torch.isfinite(probs).all()
     assert torch.allclose(probs.sum(-1), torch.ones(2))
     assert math.isfinite(model.model.scale().item())
+
+
+def test_format1_clip_initialises_another_run_through_init_from():
+    """`init_from=<old .ckpt>` reads the weights without the task's checkpoint hooks, so the scalar logit scale of
+    format 1 must be reshaped by the format upgrade itself, not by `CLIP.on_load_checkpoint` alone."""
+    hparams = read_checkpoint(FORMAT1 / "clip.ckpt")["hyper_parameters"]
+    stored = load_task(FORMAT1 / "clip.ckpt", expected=CLIP).model.state_dict()
+    # The same architecture, built from the stored arguments: only the weights come from init_from.
+    image = ImageEncoderConfig(**{**hparams["image"], "backbone": TransformerConfig(**hparams["image"]["backbone"])})
+    text = TextEncoderConfig(TransformerConfig(**hparams["text"]["backbone"]))
+    fresh = CLIP(image, text, hparams["embed_dim"], hparams["vocab_size"], hparams["eos_id"],
+                 init_from=str(FORMAT1 / "clip.ckpt"))  # fmt: skip
+    assert fresh.model.logit_scale.shape == (1,)
+    for key, value in stored.items():
+        assert torch.equal(fresh.model.state_dict()[key], value), key
 
 
 def test_format1_callback_states_are_found_under_todays_keys():

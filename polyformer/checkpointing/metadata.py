@@ -13,11 +13,12 @@ still loads and resumes. tests/fixtures/format1/ holds checkpoints of format 1 w
 - 1 -> 2: the language model's metrics took the slash names every other task uses (`val_loss` -> `val/loss`, ...).
   Lightning keys the saved state of a callback that monitors a metric (ModelCheckpoint, EarlyStopping) by that
   metric's name, so without the rename a resumed run warns and its checkpoint callback starts with no best score.
-  (Other format-1 differences need no step here: optimizer groups without `param_names` load as they are, and
-  CLIP's scalar `logit_scale` is reshaped by `CLIP.on_load_checkpoint`, the module that owns it.)
+  (Optimizer groups without `param_names`, another format-1 difference, load as they are.)
 - 2 -> 3: tasks hold their network as `self.model` (a `polyformer.models` module), so every weight's key gained
   the prefix `model.` (`embed.weight` -> `model.embed.weight`), in the state dict and in the optimizer groups'
   `param_names`. Format 2 task state dicts held only the network's weights (metric states are not persistent).
+  CLIP checkpoints written before its logit scale became a (1,) parameter (FSDP shards no 0-d parameters) get it
+  reshaped here, so every reader sees it: `load_task`, `--ckpt_path` and `init_from=<.ckpt>` alike.
 """
 
 from __future__ import annotations
@@ -117,9 +118,16 @@ def _from_1(checkpoint: dict[str, Any]) -> None:
                 break
 
 
+_CLIP = "polyformer.tasks.contrastive.CLIP"
+
+
 def _from_2(checkpoint: dict[str, Any]) -> None:
     if "state_dict" in checkpoint:
-        checkpoint["state_dict"] = {f"model.{k}": v for k, v in checkpoint["state_dict"].items()}
+        state = {f"model.{k}": v for k, v in checkpoint["state_dict"].items()}
+        scale = state.get("model.logit_scale")
+        if checkpoint["polyformer"].get("task") == _CLIP and scale is not None and scale.ndim == 0:
+            state["model.logit_scale"] = scale.reshape(1)  # format 1's CLIP stored a scalar; FSDP needs shape (1,)
+        checkpoint["state_dict"] = state
     for optimizer in checkpoint.get("optimizer_states", []):
         for group in optimizer.get("param_groups", []):
             if "param_names" in group:

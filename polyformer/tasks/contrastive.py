@@ -289,9 +289,3 @@ class CLIP(TaskModule):
             self.tokenizer = Tokenizer.from_json(extra["tokenizer"])
         self.class_names, self.prompts = extra.get("class_names"), extra.get("prompts", self.prompts)
         self.preprocess = extra.get("preprocess", {})
-        # Format 1 stored the logit scale as a scalar; ours is (1,). `upgrade` has run by now (before Lightning or
-        # load_task call this hook), so the weight already has its format-3 key.
-        state = checkpoint.get("state_dict", {})
-        key = "model.logit_scale"
-        if key in state and state[key].ndim == 0:
-            state[key] = state[key].reshape(1)

@@ -4,7 +4,8 @@
 - `path/to/file.ckpt`: a polyformer checkpoint (any task whose model has the same architecture);
 - `hf:<hub name | save_pretrained folder>`: transformers weights (GPT-2 into a `GPT`, `CLIPModel` into a `CLIP`);
 - `timm:<model name>[@<weights file>]`: a timm VisionTransformer into a `ViT`;
-- `open_clip:<model name>[@<pretrained tag | weights file>]`: an open_clip CLIP into a `CLIP`.
+- `open_clip:<model name>@<pretrained tag | weights file>`: an open_clip CLIP into a `CLIP` (the `@` part is required:
+  without it open_clip would build random weights).
 
 Each source's module has `convert_<source>(state_dict, ...) -> (config, state_dict)`, importing no task: the config
 is what the source's weights say about the architecture, checked against the model's by `check_fits` (one message
@@ -39,7 +40,7 @@ def parse_source(source: str) -> tuple[str, str]:
         raise ValueError(
             f"init_from={source!r} names no weight source: use a polyformer .ckpt file, hf:<hub name or local "
             "save_pretrained folder> (e.g. hf:gpt2), timm:<model name> (e.g. timm:vit_small_patch16_224) or "
-            "open_clip:<model name>[@<pretrained tag or file>] (e.g. open_clip:ViT-B-32@openai)"
+            "open_clip:<model name>@<pretrained tag or file> (e.g. open_clip:ViT-B-32@openai)"
         )
     return scheme, name
 
