@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from polyformer.backbone import TransformerConfig
-from polyformer.tasks.base import TaskModule
 from polyformer.models.clip import ImageEncoderConfig, TextEncoderConfig
+from polyformer.tasks.base import TaskModule
 from polyformer.tasks.contrastive import CLIP
 from polyformer.tasks.image_classification import ImageClassifier
 from polyformer.tasks.language_model import LanguageModel
