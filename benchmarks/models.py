@@ -4,10 +4,11 @@ sequence length or image size and batch, each peer built from its own package wi
 Sizes: "micro" (seconds, for the tests), "tiny" (CPU, fp32, 2 threads), "base" (GPU: GPT-2 124M, ViT-S/16,
 CLIP ViT-B/32, transformer-base). Dropout is 0 on both sides (nanoGPT, timm and open_clip pretraining defaults).
 
-Ours is the task's real model: the task class (its `polyformer.models` network, built in `__init__`), called
-through its own forward.
+Ours is the plain network a task trains (`polyformer.models`: GPT, ViT, EncoderDecoder, CLIP), built from its
+config and called through its own forward, as the peers are: the model against the model, no Lightning around
+either. Decoding (benchmarks/generation.py) times the task's `generate`, where sampling and beam search live.
 Every contender gets the same loss on its logits (or embeddings), so the loss code does not decide the result; for
-CLIP that is the task's own `contrastive_loss`. A case's FLOPs are our task's `training_flops`, the count the
+CLIP that is the task's own `contrastive_loss`. A case's FLOPs are our model's `training_flops`, the count the
 training logs use for MFU.
 Legend: B batch, T tokens, S source tokens, V vocabulary, D width.
 """
@@ -206,27 +207,32 @@ class _Tokenizer:
         self.vocab_size = vocab
 
 
-def _built(task: nn.Module, device: torch.device) -> nn.Module:
-    return task.to(device)  # every size is given, so the task built its model in __init__
-
-
-def _flops(ours: nn.Module, batch: Any) -> float:
-    """Model FLOPs of one training step on `batch`: our task's own `training_flops` (6N + 12LTD, see
+def _flops(flops: float) -> float:
+    """Model FLOPs of one training step: our model's own `training_flops` (6N + 12LTD, see
     `Transformer.training_flops`), the numerator of the MFU the training logs show.
 
     The peers use the same number rather than a count of their own: every contender does the same work on the same
     batch, so MFU compares step times exactly as the throughput ratio does. A count per peer would only add layout
     details (GPT-2 6N counts its position table, ours the vocabulary padded to a multiple of 64): under 1% at
     GPT-2 124M."""
-    return float(ours.training_flops(batch))
+    return float(flops)
 
 
 # ---- language model ---------------------------------------------------------------------------------------------
+def ours_gpt(s: Shape, activation: str, device: torch.device) -> nn.Module:
+    """Our plain GPT (`polyformer.models.gpt`): the network the language-model task trains, timed without the task."""
+    from polyformer.models.gpt import GPT, GPTConfig
+
+    cfg = _cfg(s, causal=True, position="learned", max_len=s.seq_len, activation=activation)
+    return GPT(GPTConfig(cfg, s.vocab)).to(device)
+
+
 def ours_lm(s: Shape, activation: str, device: torch.device) -> nn.Module:
+    """The language-model task around the same GPT, for its `generate` (sampling lives on the task)."""
     from polyformer.tasks.language_model import LanguageModel
 
     cfg = _cfg(s, causal=True, position="learned", max_len=s.seq_len, activation=activation)
-    return _built(LanguageModel(backbone=cfg, vocab_size=s.vocab), device)
+    return LanguageModel(backbone=cfg, vocab_size=s.vocab).to(device)  # every size given: built in __init__
 
 
 def gpt2_peer(s: Shape, activation: str, device: torch.device) -> nn.Module:
@@ -246,7 +252,7 @@ def lm_case(s: Shape, device: torch.device, gen: torch.Generator) -> Case:
     contenders = []
     # GPT-2 uses tanh GELU ("gelu_new"), slow on CPU: compare both ways, each side at the same activation.
     for act, hf_act in (("gelu", "gelu"), ("gelu_tanh", "gelu_new")):
-        ours = ours_lm(s, act, device)
+        ours = ours_gpt(s, act, device)
         contenders.append(
             Contender(f"polyformer {act}", ours, lambda m=ours: _ce(m(x), y), lambda m=ours: m(x), ours=True)
         )
@@ -264,7 +270,7 @@ def lm_case(s: Shape, device: torch.device, gen: torch.Generator) -> Case:
         ("polyformer gelu_tanh", "transformers GPT2LMHeadModel gelu_new", "both tanh GELU (GPT-2's)"),
         ("polyformer gelu", "transformers GPT2LMHeadModel gelu_new", "each its default GELU"),
     ]
-    flops = _flops(contenders[0].model, tokens)  # both activations: the same FLOPs
+    flops = _flops(contenders[0].model.training_flops(s.batch, s.seq_len))  # both activations: the same FLOPs
     return Case("lm", s, "tok", s.batch * s.seq_len, contenders, pairs, flops)
 
 
@@ -272,13 +278,11 @@ def lm_case(s: Shape, device: torch.device, gen: torch.Generator) -> Case:
 def vit_case(s: Shape, device: torch.device, gen: torch.Generator) -> Case:
     import timm.models.vision_transformer as tv
 
-    from polyformer.tasks.image_classification import ImageClassifier
+    from polyformer.models.vit import ViT, ViTConfig
 
     images = torch.randn(s.batch, 3, s.image_size, s.image_size, generator=gen).to(device)
     labels = torch.randint(0, s.classes, (s.batch,), generator=gen).to(device)
-    ours = _built(
-        ImageClassifier(_cfg(s), s.patch_size, num_classes=s.classes, image_size=s.image_size, channels=3), device
-    )
+    ours = ViT(ViTConfig(_cfg(s), s.image_size, s.patch_size, channels=3, num_classes=s.classes)).to(device)
     peer = tv.VisionTransformer(
         img_size=s.image_size, patch_size=s.patch_size, num_classes=s.classes, embed_dim=s.width, depth=s.depth,
         num_heads=s.heads, mlp_ratio=s.mlp_ratio, global_pool="token",
@@ -288,11 +292,20 @@ def vit_case(s: Shape, device: torch.device, gen: torch.Generator) -> Case:
         Contender("timm VisionTransformer", peer, lambda: F.cross_entropy(peer(images), labels), lambda: peer(images)),
     ]
     pairs = [("polyformer", "timm VisionTransformer", "both exact GELU")]
-    return Case("vit", s, "img", s.batch, contenders, pairs, _flops(ours, (images, labels)))
+    return Case("vit", s, "img", s.batch, contenders, pairs, _flops(ours.training_flops(images)))
 
 
 # ---- translation ------------------------------------------------------------------------------------------------
+def ours_seq2seq(s: Shape, device: torch.device) -> nn.Module:
+    """Our plain EncoderDecoder (`polyformer.models.encoder_decoder`), the network the translation task trains."""
+    from polyformer.models.encoder_decoder import EncoderDecoder, EncoderDecoderConfig
+
+    cfg = _cfg(s, max_len=max(s.src_len, s.seq_len) + 64)
+    return EncoderDecoder(EncoderDecoderConfig(cfg, s.vocab, s.vocab, decoder_depth=s.decoder_depth)).to(device)
+
+
 def ours_mt(s: Shape, device: torch.device) -> nn.Module:
+    """The translation task around the same model, for its `generate` (beam search lives on the task)."""
     from polyformer.tasks.translation import Translation
 
     task = Translation(
@@ -300,7 +313,7 @@ def ours_mt(s: Shape, device: torch.device) -> nn.Module:
         source_vocab_size=s.vocab,
     )  # fmt: skip
     task.set_tokenizers(_Tokenizer(s.vocab))  # type: ignore[arg-type]
-    return _built(task, device)
+    return task.to(device)  # every size given: built in __init__
 
 
 class TorchSeq2Seq(nn.Module):
@@ -348,11 +361,12 @@ def mt_case(s: Shape, device: torch.device, gen: torch.Generator) -> Case:
     src = torch.randint(2, s.vocab, (s.batch, s.src_len), generator=gen).to(device)
     tgt = torch.randint(2, s.vocab, (s.batch, s.seq_len + 1), generator=gen).to(device)
     tin, tout = tgt[:, :-1], tgt[:, 1:]
-    ours, torch_peer, marian = ours_mt(s, device), TorchSeq2Seq(s).to(device), marian_peer(s, device)
+    ours, torch_peer, marian = ours_seq2seq(s, device), TorchSeq2Seq(s).to(device), marian_peer(s, device)
     mask = (src != 0).long()
+    keep = src != 0  # our model's source padding mask: True at real tokens, as the task passes it
     marian_logits = lambda: marian(input_ids=src, attention_mask=mask, decoder_input_ids=tin).logits  # noqa: E731
     contenders = [
-        Contender("polyformer", ours, lambda: _ce(ours(src, tin), tout), lambda: ours(src, tin), ours=True),
+        Contender("polyformer", ours, lambda: _ce(ours(src, keep, tin), tout), lambda: ours(src, keep, tin), ours=True),
         Contender(
             "torch nn.Transformer", torch_peer, lambda: _ce(torch_peer(src, tin), tout), lambda: torch_peer(src, tin)
         ),
@@ -362,7 +376,7 @@ def mt_case(s: Shape, device: torch.device, gen: torch.Generator) -> Case:
         ("polyformer", "torch nn.Transformer", f"pre-LN both, {s.activation}"),
         ("polyformer", "transformers MarianMTModel", f"Marian is post-LN, {s.activation}"),
     ]
-    flops = _flops(ours, {"source": src, "target_in": tin})
+    flops = _flops(ours.training_flops(s.batch, s.src_len, s.seq_len))
     return Case("mt", s, "tok", s.batch * s.seq_len, contenders, pairs, flops)
 
 
@@ -371,7 +385,7 @@ def clip_case(s: Shape, device: torch.device, gen: torch.Generator) -> Case:
     from open_clip.model import CLIP as OpenCLIP
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-    from polyformer.tasks.contrastive import CLIP, ImageEncoderConfig, TextEncoderConfig
+    from polyformer.models.clip import CLIP, CLIPConfig, ImageEncoderConfig, TextEncoderConfig
 
     images = torch.randn(s.batch, 3, s.image_size, s.image_size, generator=gen).to(device)
     tokens = torch.randint(1, s.vocab - 1, (s.batch, s.seq_len), generator=gen)
@@ -382,7 +396,7 @@ def clip_case(s: Shape, device: torch.device, gen: torch.Generator) -> Case:
         _cfg(s, width=s.text_width, depth=s.text_depth, heads=s.text_heads, causal=True, position="learned",
              max_len=s.seq_len)
     )  # fmt: skip
-    ours = _built(CLIP(image, text, s.embed_dim, vocab_size=s.vocab, eos_id=s.vocab - 1), device)
+    ours = CLIP(CLIPConfig(image, text, s.embed_dim, vocab_size=s.vocab, eos_id=s.vocab - 1)).to(device)
     vision_cfg = CLIPVisionCfg(
         layers=s.depth, width=s.width, head_width=s.width // s.heads, mlp_ratio=s.mlp_ratio,
         patch_size=s.patch_size, image_size=s.image_size,
@@ -402,7 +416,7 @@ def clip_case(s: Shape, device: torch.device, gen: torch.Generator) -> Case:
         ),
     ]
     pairs = [("polyformer", "open_clip CLIP", "both exact GELU")]
-    return Case("clip", s, "img", s.batch, contenders, pairs, _flops(ours, {"image": images, "text": tokens}))
+    return Case("clip", s, "img", s.batch, contenders, pairs, _flops(ours.training_flops(images, tokens)))
 
 
 BUILDERS: dict[str, Callable[[Shape, torch.device, torch.Generator], Case]] = {
