@@ -1,10 +1,7 @@
 """The plain GPT (`polyformer.models.gpt`) without Lightning: builds from its config, runs forward and backward, draws
 the RNG as the task used to (embedding, backbone, head), decodes with its KV cache as it computes in one pass, counts
-its FLOPs, and refuses bad configs by key."""
-
-import json
-import subprocess
-import sys
+its FLOPs, and refuses bad configs by key. That it runs without Lightning in a fresh interpreter is
+tests/test_package_boundaries.py::test_backbone_and_models_run_without_lightning, for every model at once."""
 
 import pytest
 import torch
@@ -15,25 +12,6 @@ from polyformer.backbone import TokenEmbedding, Transformer, TransformerConfig, 
 from polyformer.models.gpt import GPT, GPTConfig
 
 TINY = TransformerConfig(width=32, depth=2, heads=4, position="learned", max_len=16, causal=True, dropout=0.0)
-
-
-_ALONE = """
-import json, sys
-import torch
-from polyformer.backbone import TransformerConfig
-from polyformer.models.gpt import GPT, GPTConfig
-cfg = TransformerConfig(width=16, depth=1, heads=2, position="learned", max_len=8, causal=True)
-model = GPT(GPTConfig(cfg, vocab_size=50))
-model(torch.randint(0, 50, (2, 5))).square().mean().backward()
-print(json.dumps(sorted({m.split(".")[0] for m in sys.modules})))
-"""
-
-
-def test_trains_in_a_fresh_interpreter_without_the_training_stack(tmp_path):
-    out = subprocess.run([sys.executable, "-c", _ALONE], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
-    assert not loaded & {"lightning", "lightning_fabric", "pytorch_lightning", "torchmetrics", "tokenizers"}, loaded
 
 
 @pytest.mark.parametrize("tie", [True, False])
