@@ -36,13 +36,13 @@ def build_from_hparams(cls: type[T], hparams: dict[str, Any]) -> T:
         hint = hints.get(name)
         for candidate in typing.get_args(hint) or (hint,):  # X | None -> try X
             if dataclasses.is_dataclass(candidate) and isinstance(value, dict):
-                value = _dataclass_from_dict(candidate, value)
+                value = dataclass_from_dict(candidate, value)
                 break
         kwargs[name] = value
     return cls(**kwargs)
 
 
-def _dataclass_from_dict(cls: type, values: dict[str, Any]) -> Any:
+def dataclass_from_dict(cls: type, values: dict[str, Any]) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -50,7 +50,7 @@ def _dataclass_from_dict(cls: type, values: dict[str, Any]) -> Any:
             continue
         v = values[f.name]
         if dataclasses.is_dataclass(hints.get(f.name)) and isinstance(v, dict):
-            v = _dataclass_from_dict(hints[f.name], v)
+            v = dataclass_from_dict(hints[f.name], v)
         elif isinstance(v, list) and "tuple" in str(hints.get(f.name)):
             v = tuple(v)
         kwargs[f.name] = v

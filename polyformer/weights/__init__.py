@@ -2,6 +2,8 @@
 
 `source` names where the weights come from by scheme, and the model's type picks the converter:
 - `path/to/file.ckpt`: a polyformer checkpoint (any task whose model has the same architecture);
+- `path/to/model.safetensors`: a polyformer export (`polyformer export --format safetensors`, `weights/native.py`),
+  checked against the `config.json` beside it;
 - `hf:<hub name | save_pretrained folder>`: transformers weights (GPT-2 into a `GPT`, `CLIPModel` into a `CLIP`);
 - `timm:<model name>[@<weights file>]`: a timm VisionTransformer into a `ViT`;
 - `open_clip:<model name>@<pretrained tag | weights file>`: an open_clip CLIP into a `CLIP` (the `@` part is required:
@@ -35,10 +37,13 @@ def parse_source(source: str) -> tuple[str, str]:
     """The scheme and the name after it: `hf:gpt2` -> ("hf", "gpt2"); `runs/x/last.ckpt` -> ("ckpt", the path)."""
     if source.endswith(".ckpt"):
         return "ckpt", source
+    if source.endswith(".safetensors"):
+        return "safetensors", source
     scheme, sep, name = source.partition(":")
     if not sep or scheme not in SCHEMES or not name:
         raise ValueError(
-            f"init_from={source!r} names no weight source: use a polyformer .ckpt file, hf:<hub name or local "
+            f"init_from={source!r} names no weight source: use a polyformer .ckpt file, a polyformer export's "
+            "model.safetensors, hf:<hub name or local "
             "save_pretrained folder> (e.g. hf:gpt2), timm:<model name> (e.g. timm:vit_small_patch16_224) or "
             "open_clip:<model name>@<pretrained tag or file> (e.g. open_clip:ViT-B-32@openai)"
         )
@@ -50,6 +55,8 @@ def load_weights(model: nn.Module, source: str) -> None:
     scheme, name = parse_source(source)
     if scheme == "ckpt":
         state = checkpoint_model_state(name)
+    elif scheme == "safetensors":
+        state = native_model_state(name, model)
     else:
         target = _LOADERS.get((scheme, type(model).__name__))
         if target is None:
@@ -65,6 +72,27 @@ def load_weights(model: nn.Module, source: str) -> None:
     except RuntimeError as e:  # missing / unexpected keys or other shapes: the weights are of another model
         detail = " ".join(str(e).split())
         raise ValueError(f"init_from={source!r} does not fit this model: {detail[:600]}") from None
+
+
+def native_model_state(path: str, model: nn.Module) -> dict[str, Tensor]:
+    """The weights of a polyformer export, after its config.json (when beside it) was checked against `model`."""
+    import dataclasses
+    from pathlib import Path
+
+    from polyformer.checkpointing.metadata import flatten, to_primitive
+    from polyformer.weights.native import model_path, read_config, read_weights
+
+    file = Path(path)
+    if (file.parent / "config.json").is_file():
+        cls, cfg = read_config(file.parent)
+        if model_path(model) != f"{cls.__module__}.{cls.__qualname__}":
+            raise ValueError(f"init_from={path!r} holds a {cls.__name__}, not a {type(model).__name__}")
+        if dataclasses.is_dataclass(getattr(model, "cfg", None)):
+            # Regularisation and the starting temperature may change for fine-tuning; everything else is the shape.
+            free = ("dropout", "attention_dropout", "drop_path", "init_logit_scale")
+            theirs = {k: v for k, v in flatten(to_primitive(cfg)).items() if k.rsplit(".", 1)[-1] not in free}
+            check_fits(flatten(to_primitive(model.cfg)), theirs, path)
+    return read_weights(file, model)
 
 
 def checkpoint_model_state(path: str) -> dict[str, Tensor]:
