@@ -8,6 +8,9 @@ timm's local cache offline), or with a local file's.
 Covered: every plain ViT size, class-token or average pooling (fc_norm), pre-norm (CLIP-style), GELU/QuickGELU.
 Refused with a message: layer scale, register tokens, q/k norms, attention-pool heads, positions without the class
 token (these architectures need blocks our backbone does not have).
+
+The way out: `export_timm_vit` writes a `ViT` as timm weights plus the `timm.create_model` arguments that build it
+(LayerNorm or RMSNorm at timm's eps 1e-6, pre-LN blocks, any pooling, bias and activation ours has but SwiGLU).
 """
 
 from __future__ import annotations
@@ -178,3 +181,127 @@ def load_timm_vit(name: str, model: ViT) -> dict[str, Tensor]:
         own = model.state_dict()
         state.update({k: own[k] for k in ("head.weight", "head.bias")})
     return state
+
+
+# What `timm.create_model(..., norm_layer=<name>)` builds, with the only eps its JSON arguments can give: timm's
+# default 1e-6 (a partial with another eps is not JSON).
+_TIMM_NORMS = {"layernorm": "layernorm", "rmsnorm": "rmsnorm"}
+_TIMM_NORM_EPS = 1e-6
+_TIMM_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "relu": "relu"}
+# A registered VisionTransformer entry point; every argument it sets (patch size, width, depth, heads) is overridden
+# by the exported model's own, so it only names the class that timm builds.
+_TIMM_ARCHITECTURE = "vit_base_patch16_224"
+
+
+def timm_export_problems(model: ViT) -> list[str]:
+    """Every setting of `model` that timm's VisionTransformer built from JSON arguments cannot express, as
+    "model.<key>=<needed> (here <value>)". Free: sizes, pooling, pre-norm, final norm, bias (timm's qkv_bias and
+    proj_bias; norms get zero biases), dropout rates; the backbone's own positions are unused by the image tower."""
+    b = model.cfg.backbone
+    wrong = []
+    if b.kv_heads not in (None, b.heads):
+        wrong.append(f"model.backbone.kv_heads=None (here {b.kv_heads!r})")
+    if b.activation not in _TIMM_ACTIVATIONS:
+        wrong.append(f"model.backbone.activation in {sorted(_TIMM_ACTIVATIONS)} (here {b.activation!r})")
+    if b.norm not in _TIMM_NORMS:
+        wrong.append(f"model.backbone.norm in {sorted(_TIMM_NORMS)} (here {b.norm!r})")
+    if b.norm == "rmsnorm" and model.cfg.norm_pre:
+        # Our pre-norm is a LayerNorm whatever the blocks use; timm's is the blocks' norm.
+        wrong.append("model.norm_pre=False or model.backbone.norm='layernorm' (here norm_pre=True with rmsnorm)")
+    if b.norm_eps != _TIMM_NORM_EPS:
+        wrong.append(f"model.backbone.norm_eps={_TIMM_NORM_EPS} (here {b.norm_eps!r})")
+    if not b.prenorm:
+        wrong.append(f"model.backbone.prenorm=True (here {b.prenorm!r})")  # post-LN blocks take a class, not JSON
+    if b.window is not None:
+        wrong.append(f"model.backbone.window=None (here {b.window!r})")
+    return wrong
+
+
+def timm_state_dict(model: ViT) -> dict[str, Tensor]:
+    """`model`'s weights in timm VisionTransformer keys: the inverse of `convert_timm_vit`. A pre-norm timm ViT has
+    a bias-free patch projection: ours is added to the patch positions instead (the same sum). Norms without a bias
+    get zeros; fixed sin-cos positions become the learned table they equal at the model's image size."""
+    cfg = model.cfg
+    ours = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.LayerNorm) and module.bias is None:  # backbone.bias=False: timm's norms have one
+            ours[f"{name}.bias"] = module.weight.detach().new_zeros(module.weight.shape)
+    inverse = {mine: theirs for theirs, mine in _RENAMES.items()}
+    out: dict[str, Tensor] = {}
+    for key, value in ours.items():
+        if m := re.fullmatch(r"tower\.encoder\.blocks\.(\d+)\.(.+)", key):
+            out[f"blocks.{m[1]}.{m[2]}"] = value
+        elif key in inverse:
+            out[inverse[key]] = value
+        else:
+            raise ValueError(f"ViT weight {key!r} has no counterpart in timm's VisionTransformer")
+    pos = model.tower.pos_embed.detach().float().clone()  # a buffer for sin-cos positions: not in the state dict
+    if cfg.norm_pre:
+        pos[:, model.tower.prefix :] += out.pop("patch_embed.proj.bias").float()
+    out["pos_embed"] = pos.to(model.tower.patch.proj.weight.dtype)
+    return out
+
+
+def timm_model_args(model: ViT) -> dict[str, Any]:
+    """The keyword arguments of timm's `VisionTransformer` (through `timm.create_model`) for `model`'s function."""
+    cfg, b = model.cfg, model.cfg.backbone
+    return {
+        "img_size": cfg.image_size,
+        "patch_size": cfg.patch_size,
+        "in_chans": cfg.channels,
+        "num_classes": cfg.num_classes,
+        "global_pool": "token" if cfg.pool == "cls" else "avg",
+        "class_token": cfg.pool == "cls",
+        "embed_dim": b.width,
+        "depth": b.depth,
+        "num_heads": b.heads,
+        "mlp_ratio": b.mlp_ratio,
+        "qkv_bias": b.bias,
+        "proj_bias": b.bias,
+        "pre_norm": cfg.norm_pre,
+        "final_norm": b.final_norm,
+        "act_layer": _TIMM_ACTIVATIONS[b.activation],
+        "norm_layer": _TIMM_NORMS[b.norm],
+        # Training only (equal logits in eval); timm's MLP also drops its hidden layer at proj_drop_rate.
+        "pos_drop_rate": b.dropout,
+        "proj_drop_rate": b.dropout,
+        "attn_drop_rate": b.attention_dropout,
+        "drop_path_rate": b.drop_path,
+    }
+
+
+def timm_pretrained_cfg(model: ViT) -> dict[str, Any]:
+    """The pretrained config timm keeps beside the weights: the class count (timm drops a head whose count differs
+    from it), the input size and the layers it adapts. Normalisation is not the model's to know: timm's defaults."""
+    cfg = model.cfg
+    return {
+        "architecture": _TIMM_ARCHITECTURE,
+        "num_classes": cfg.num_classes,
+        "input_size": [cfg.channels, cfg.image_size, cfg.image_size],
+        "fixed_input_size": True,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+    }
+
+
+def export_timm_vit(model: ViT, out_dir: Path, overwrite: bool = False) -> Path:
+    """Write `model` as timm VisionTransformer weights, `model.safetensors`, and the arguments that build it:
+    `timm_kwargs.json` ({"model_name", "kwargs"}) for
+    `timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=<model.safetensors>), **kwargs)`,
+    and timm's own `config.json`, so `timm.create_model("local-dir:<out_dir>", pretrained=True)` loads it too. Both
+    give `model`'s logits. Refuses (one ValueError naming every setting) what timm cannot express, before writing."""
+    from polyformer.weights.export import prepare_out_dir, refuse, write_json, write_safetensors
+
+    refuse("ViT", "a timm VisionTransformer", timm_export_problems(model))
+    out = prepare_out_dir(out_dir, overwrite)
+    args, pretrained = timm_model_args(model), timm_pretrained_cfg(model)
+    write_safetensors(out / "model.safetensors", timm_state_dict(model))
+    write_json(
+        out / "timm_kwargs.json", {"model_name": _TIMM_ARCHITECTURE, "kwargs": {**args, "pretrained_cfg": pretrained}}
+    )
+    write_json(
+        out / "config.json",
+        {"architecture": _TIMM_ARCHITECTURE, "num_classes": model.cfg.num_classes,
+         "num_features": model.cfg.backbone.width, "pretrained_cfg": pretrained, "model_args": args},
+    )  # fmt: skip
+    return out
