@@ -13,6 +13,8 @@ the token the text tower pools at. `load_open_clip` is `init_from="open_clip:<na
 file>"`, `load_hf_clip` is `init_from="hf:<hub name | save_pretrained folder>"`.
 Covered: ViT image towers with class-token pooling and the standard text tower. Refused with a message: ResNet or
 timm image towers, custom (Hugging Face) text towers, attentional pooling, SigLIP's logit bias, layer scale.
+The way out: `export_open_clip` writes a `CLIP` as an open_clip state dict and model config (open_clip's own layout
+and the hub's), after `open_clip_export_problems` finds nothing to refuse.
 Legend: D width, E embed dim, N patches.
 """
 
@@ -327,3 +329,156 @@ def load_hf_clip(name: str, model: CLIP) -> dict[str, Tensor]:
     config, state = convert_hf_clip(theirs.state_dict())
     check_fits(model_config(model), {**config, **hf_clip_config(theirs.config)}, source)
     return state
+
+
+_EXPORT_BLOCK = {mine: theirs for theirs, mine in _BLOCK.items()}  # our Block -> open_clip residual block
+
+
+def _tower_activations(model: CLIP) -> tuple[bool, dict[str, dict[str, str] | None]]:
+    """open_clip's global `quick_gelu` flag and each tower's `act_kwargs` for our activations (checked before)."""
+    acts = {tower: getattr(model.cfg, tower).backbone.activation for tower in ("image", "text")}
+    quick = all(a == "quick_gelu" for a in acts.values())
+    return quick, {tower: {"approximate": "tanh"} if a == "gelu_tanh" else None for tower, a in acts.items()}
+
+
+def open_clip_export_problems(model: CLIP) -> list[str]:
+    """Every setting of `model` that an open_clip `CLIP` (ViT towers, built from a model config) cannot express, as
+    "model.<key>=<needed> (here <value>)". Free: sizes, norm eps (norm_kwargs), pre-norm (no_ln_pre), context
+    length, vocabulary, end-of-text id, dropout (training only); a missing bias is written as zeros, fixed text
+    positions (sinusoidal, or none: zeros) as the learned table they equal within the context."""
+    cfg = model.cfg
+    wrong = []
+    for tower in ("image", "text"):
+        b = getattr(cfg, tower).backbone
+        if b.kv_heads not in (None, b.heads):
+            wrong.append(f"model.{tower}.backbone.kv_heads=None (here {b.kv_heads!r})")
+        if b.activation not in ("gelu", "gelu_tanh", "quick_gelu"):
+            wrong.append(f"model.{tower}.backbone.activation in ['gelu', 'gelu_tanh', 'quick_gelu'] "
+                         f"(here {b.activation!r})")  # fmt: skip
+        if b.norm != "layernorm":
+            wrong.append(f"model.{tower}.backbone.norm='layernorm' (here {b.norm!r})")
+        if not b.prenorm:
+            wrong.append(f"model.{tower}.backbone.prenorm=True (here {b.prenorm!r})")
+        if not b.final_norm:  # ln_post / ln_final are always there
+            wrong.append(f"model.{tower}.backbone.final_norm=True (here {b.final_norm!r})")
+        if b.window is not None:
+            wrong.append(f"model.{tower}.backbone.window=None (here {b.window!r})")
+    image, text = cfg.image.backbone.activation, cfg.text.backbone.activation
+    if (image == "quick_gelu") != (text == "quick_gelu"):  # open_clip's quick_gelu flag is for both towers
+        wrong.append(f"model.image.backbone.activation and model.text.backbone.activation both 'quick_gelu' or both "
+                     f"GELU (here {image!r}, {text!r})")  # fmt: skip
+    if cfg.image.pool != "cls":  # open_clip's average pooling still runs a class token through the blocks
+        wrong.append(f"model.image.pool='cls' (here {cfg.image.pool!r})")
+    if cfg.image.channels != 3:
+        wrong.append(f"model.image.channels=3 (here {cfg.image.channels!r})")  # open_clip's conv1 takes RGB
+    if cfg.text.backbone.position == "rotary":
+        wrong.append(f"model.text.backbone.position='learned' (here {cfg.text.backbone.position!r})")
+    return wrong
+
+
+def open_clip_state_dict(model: CLIP) -> dict[str, Tensor]:
+    """`model`'s weights in open_clip `CLIP` keys: the inverse of `convert_open_clip`. The patch projection's bias
+    (open_clip's has none) is added to the patch positions instead, the same sum; the logit scale is written capped
+    at `max_logit_scale`, as ours uses it."""
+    cfg = model.cfg
+    ours = model.state_dict()
+    for name, module in model.named_modules():
+        if name.startswith(("image.encoder", "image.norm_pre", "text.encoder")) and getattr(module, "bias", 0) is None:
+            # backbone.bias=False: open_clip's layers all have a bias; zero is ours
+            rows = module.weight.shape[0] if isinstance(module, nn.Linear) else module.weight.shape
+            ours[f"{name}.bias"] = module.weight.detach().new_zeros(rows)
+    out: dict[str, Tensor] = {}
+    for key, value in ours.items():
+        if m := re.fullmatch(r"(image|text)\.encoder\.blocks\.(\d+)\.(.+)", key):
+            prefix = "visual.transformer" if m[1] == "image" else "transformer"
+            out[f"{prefix}.resblocks.{m[2]}.{_rename(m[3], _EXPORT_BLOCK)}"] = value
+    pos = ours["image.pos_embed"][0].clone()  # (1 + N, D)
+    if "image.patch.proj.bias" in ours:
+        pos[1:] += ours["image.patch.proj.bias"]
+    text = cfg.text.backbone
+    if text.position == "learned":
+        positions = ours["text.encoder.positions.weight"]
+    elif text.position == "sinusoidal":
+        positions = model.text.encoder.positions.table[: text.max_len].to(pos.dtype)
+    else:  # no positions: a zero table adds nothing
+        positions = pos.new_zeros(text.max_len, text.width)
+    out.update({
+        "visual.conv1.weight": ours["image.patch.proj.weight"],
+        "visual.class_embedding": ours["image.patch.cls_token"].reshape(-1),
+        "visual.positional_embedding": pos,
+        "visual.ln_post.weight": ours["image.encoder.norm.weight"],
+        "visual.ln_post.bias": ours["image.encoder.norm.bias"],
+        "visual.proj": ours["image_proj.weight"].T,  # x @ (D, E) == Linear with weight (E, D)
+        "token_embedding.weight": ours["text.embed.weight"],
+        "positional_embedding": positions,
+        "ln_final.weight": ours["text.encoder.norm.weight"],
+        "ln_final.bias": ours["text.encoder.norm.bias"],
+        "text_projection": ours["text_proj.weight"].T,
+        "logit_scale": ours["logit_scale"].clamp(max=math.log(cfg.max_logit_scale)).reshape(()),
+    })  # fmt: skip
+    if cfg.image.norm_pre:
+        out["visual.ln_pre.weight"], out["visual.ln_pre.bias"] = (
+            ours["image.norm_pre.weight"],
+            ours["image.norm_pre.bias"],
+        )
+    return out
+
+
+def open_clip_model_config(model: CLIP) -> dict[str, Any]:
+    """The open_clip model config (`embed_dim`, `vision_cfg`, `text_cfg`, `quick_gelu`) of `model`'s function. The
+    text tower pools at the end-of-text token: 'argmax' where it is the highest id (OpenAI's tokenizer, what
+    `open_clip_config` reads back), else 'eos'. Both take its first occurrence, ours its last: the same for token
+    rows with one end-of-text, as CLIP tokenizers write them."""
+    cfg = model.cfg
+    quick, act_kwargs = _tower_activations(model)
+    image, text = cfg.image.backbone, cfg.text.backbone
+    vision_cfg: dict[str, Any] = {
+        "image_size": cfg.image.image_size,
+        "patch_size": cfg.image.patch_size,
+        "layers": image.depth,
+        "width": image.width,
+        "head_width": image.head_dim,
+        "mlp_ratio": image.mlp_ratio,
+        "no_ln_pre": not cfg.image.norm_pre,
+        "pool_type": "tok",
+        "norm_kwargs": {"eps": image.norm_eps},
+    }
+    text_cfg: dict[str, Any] = {
+        "context_length": text.max_len,
+        "vocab_size": cfg.vocab_size,
+        "width": text.width,
+        "heads": text.heads,
+        "layers": text.depth,
+        "mlp_ratio": text.mlp_ratio,
+        "pool_type": "argmax" if cfg.eos_id == cfg.vocab_size - 1 else "eos",
+        "eos_id": cfg.eos_id,
+        "norm_kwargs": {"eps": text.norm_eps},
+    }
+    for tower_cfg, kwargs in ((vision_cfg, act_kwargs["image"]), (text_cfg, act_kwargs["text"])):
+        if kwargs is not None:
+            tower_cfg["act_kwargs"] = kwargs
+    return {"embed_dim": cfg.embed_dim, "quick_gelu": quick, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+
+
+def export_open_clip(model: CLIP, out_dir: Path, name: str | None = None, overwrite: bool = False) -> Path:
+    """Write `model` as an open_clip CLIP: `open_clip_model.safetensors`, the model config as `<name>.json` (default
+    name: the folder's) for `open_clip.add_model_config(out_dir / f"{name}.json")` and then
+    `open_clip.create_model(name, pretrained=str(out_dir / "open_clip_model.safetensors"))`, and as
+    `open_clip_config.json` (the hub layout) for `open_clip.create_model(f"local-dir:{out_dir}")`. Both give
+    `model`'s image and text embeddings. Refuses (one ValueError naming every setting) what open_clip cannot
+    express, before writing anything."""
+    from polyformer.weights.export import prepare_out_dir, refuse, write_json, write_safetensors
+
+    name = name or Path(out_dir).resolve().name
+    wrong = open_clip_export_problems(model)
+    if name == "open_clip_config":
+        wrong.append("another name than 'open_clip_config' (the hub layout's file)")
+    refuse("CLIP", "an open_clip CLIP", wrong)
+    out = prepare_out_dir(out_dir, overwrite)
+    config = open_clip_model_config(model)
+    write_safetensors(out / "open_clip_model.safetensors", open_clip_state_dict(model))
+    write_json(out / f"{name}.json", config)
+    write_json(
+        out / "open_clip_config.json", {"model_cfg": config, "preprocess_cfg": {"size": model.cfg.image.image_size}}
+    )
+    return out
