@@ -64,9 +64,9 @@ def export(
     writer: Callable[..., Path] = getattr(importlib.import_module(module), function)
     params = inspect.signature(writer).parameters
     kwargs: dict[str, Any] = {}
-    if tokenizer is not None:
-        if "tokenizer" not in params:
-            raise ValueError(f"the {format!r} export of a {name} has no place for a tokenizer; leave tokenizer unset")
+    if tokenizer is not None and "tokenizer" in params:
+        # Only where the format keeps one; elsewhere (timm, open_clip, ONNX graphs) the model's users tokenize
+        # outside it, so a caller may pass whatever tokenizer the model was trained with.
         kwargs["tokenizer"] = tokenizer
     if "overwrite" in params:
         kwargs["overwrite"] = overwrite

@@ -460,19 +460,23 @@ def open_clip_model_config(model: CLIP) -> dict[str, Any]:
     return {"embed_dim": cfg.embed_dim, "quick_gelu": quick, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
 
 
-def export_open_clip(model: CLIP, out_dir: Path, name: str | None = None, overwrite: bool = False) -> Path:
-    """Write `model` as an open_clip CLIP: `open_clip_model.safetensors`, the model config as `<name>.json` (default
-    name: the folder's) for `open_clip.add_model_config(out_dir / f"{name}.json")` and then
-    `open_clip.create_model(name, pretrained=str(out_dir / "open_clip_model.safetensors"))`, and as
-    `open_clip_config.json` (the hub layout) for `open_clip.create_model(f"local-dir:{out_dir}")`. Both give
-    `model`'s image and text embeddings. Refuses (one ValueError naming every setting) what open_clip cannot
-    express, before writing anything."""
+# The model name an export registers under by default (the stem of its config file). Fixed, not the folder's name:
+# exports are often written into a temporary folder and renamed.
+OPEN_CLIP_EXPORT_NAME = "polyformer-clip"
+
+
+def export_open_clip(model: CLIP, out_dir: Path, name: str = OPEN_CLIP_EXPORT_NAME, overwrite: bool = False) -> Path:
+    """Write `model` as an open_clip CLIP: `open_clip_model.safetensors`, the model config as `<name>.json` for
+    `open_clip.add_model_config(out_dir / f"{name}.json")` and then
+    `open_clip.create_model(name, pretrained=str(out_dir / "open_clip_model.safetensors"))` (another `name` tells
+    several exports apart in one process), and as `open_clip_config.json` (the hub layout) for
+    `open_clip.create_model(f"local-dir:{out_dir}")`. Both give `model`'s image and text embeddings. Refuses (one
+    ValueError naming every setting) what open_clip cannot express, before writing anything."""
     from polyformer.weights.export import prepare_out_dir, refuse, write_json, write_safetensors
 
-    name = name or Path(out_dir).resolve().name
     wrong = open_clip_export_problems(model)
-    if name == "open_clip_config":
-        wrong.append("another name than 'open_clip_config' (the hub layout's file)")
+    if name == "open_clip_config" or not name or "/" in name:
+        wrong.append(f"a file name other than 'open_clip_config' for the config (here name={name!r})")
     refuse("CLIP", "an open_clip CLIP", wrong)
     out = prepare_out_dir(out_dir, overwrite)
     config = open_clip_model_config(model)

@@ -229,10 +229,11 @@ def test_open_clip_export_loads_in_open_clip_with_our_embeddings(tmp_path, image
     import open_clip
 
     model = clip(image, text, eos)
-    out = export_open_clip(model, tmp_path / f"clip-{eos}-{len(image)}")
-    open_clip.add_model_config(out / f"{out.name}.json")
+    name = f"test-clip-{eos}-{len(image)}"  # one per case: the registry is process-wide
+    out = export_open_clip(model, tmp_path / "clip", name=name)
+    open_clip.add_model_config(out / f"{name}.json")
     built = [
-        open_clip.create_model(out.name, pretrained=str(out / "open_clip_model.safetensors"), require_pretrained=True),
+        open_clip.create_model(name, pretrained=str(out / "open_clip_model.safetensors"), require_pretrained=True),
         open_clip.create_model(f"local-dir:{out}"),  # the hub layout
     ]
     images, tokens = clip_inputs(eos)
@@ -273,6 +274,10 @@ def test_export_picks_the_exporter_by_format_and_model(tmp_path):
     model = gpt()
     out = export(model, "hf", tmp_path / "gpt2", tokenizer=byte_level())
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    clip_out = export(clip(), "open_clip", tmp_path / "clip", tokenizer=byte_level())
+    assert sorted(p.name for p in clip_out.iterdir()) == [
+        "open_clip_config.json", "open_clip_model.safetensors", "polyformer-clip.json",  # the default model name
+    ]  # fmt: skip
     assert set(FORMATS) >= {"hf", "timm", "open_clip", "onnx"}
     for name in ("GPT", "ViT", "CLIP", "EncoderDecoder"):  # imported only when used
         assert EXPORTERS[("onnx", name)] == "polyformer.weights.onnx:export_onnx"
@@ -280,8 +285,8 @@ def test_export_picks_the_exporter_by_format_and_model(tmp_path):
         export(vit(), "hf", tmp_path / "x")
     with pytest.raises(ValueError, match="unknown export format 'keras': the formats are hf, onnx, open_clip, timm"):
         export(model, "keras", tmp_path / "x")
-    with pytest.raises(ValueError, match="has no place for a tokenizer"):
-        export(vit(), "timm", tmp_path / "x", tokenizer=byte_level())
+    timm_out = export(vit(), "timm", tmp_path / "vit", tokenizer=byte_level())  # no place for one: left out
+    assert sorted(p.name for p in timm_out.iterdir()) == ["config.json", "model.safetensors", "timm_kwargs.json"]
     with pytest.raises(FileExistsError, match="not empty"):
         export(model, "hf", out)
     assert not (tmp_path / "x").exists()
