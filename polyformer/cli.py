@@ -26,6 +26,10 @@ VERBS = {
     "translate": ("polyformer.commands.translate", "translate lines with a translation checkpoint"),
     "classify": ("polyformer.commands.classify", "print the top classes of image files with a ViT checkpoint"),
     "score": ("polyformer.commands.score", "score images against texts with a CLIP checkpoint"),
+    "export": (
+        "polyformer.commands.export",
+        "write a checkpoint's model as safetensors, transformers, timm, open_clip or ONNX",
+    ),
 }
 
 # Callbacks registered for every run, by config key: `--guards.on_nonfinite=skip`. One line per callback.

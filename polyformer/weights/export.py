@@ -4,7 +4,9 @@
   `AutoTokenizer.from_pretrained(out_dir)` too);
 - "timm": a `ViT` as timm VisionTransformer weights and the `timm.create_model` arguments that build it;
 - "open_clip": a `CLIP` as an open_clip state dict and model config;
-- "onnx": any of the models as an ONNX graph (`polyformer.weights.onnx`).
+- "onnx": any of the models as an ONNX graph (`polyformer.weights.onnx`);
+- "safetensors": any of the models in polyformer's own layout, weights + the config that rebuilds it + tokenizers
+  (`polyformer.weights.native`: `load_model(out_dir)`, or `init_from=<out_dir>/model.safetensors`).
 
 Every exporter first checks that the target can express the model (one ValueError naming every setting to change),
 then writes into `out_dir`: created if missing, refused if it holds anything unless `overwrite=True`, each file
@@ -34,6 +36,10 @@ EXPORTERS: dict[tuple[str, str], str] = {
     ("timm", "ViT"): "polyformer.weights.timm_vit:export_timm_vit",
     ("open_clip", "CLIP"): "polyformer.weights.open_clip:export_open_clip",
     **{("onnx", name): "polyformer.weights.onnx:export_onnx" for name in ("GPT", "ViT", "CLIP", "EncoderDecoder")},
+    **{
+        ("safetensors", name): "polyformer.weights.native:export_safetensors"
+        for name in ("GPT", "ViT", "CLIP", "EncoderDecoder")
+    },
 }
 FORMATS = tuple(dict.fromkeys(fmt for fmt, _ in EXPORTERS))
 
@@ -49,9 +55,11 @@ def export(
     out_dir: str | os.PathLike,
     tokenizer: Tokenizer | None = None,
     overwrite: bool = False,
+    source_tokenizer: Tokenizer | None = None,
 ) -> Path:
-    """Write `model` in `format` into `out_dir` (see the module docstring) and return the folder. `tokenizer` goes
-    along where the format has a place for it (transformers folders); `overwrite` allows a non-empty `out_dir`."""
+    """Write `model` in `format` into `out_dir` (see the module docstring) and return the folder. `tokenizer` (and a
+    text-to-text model's `source_tokenizer`) go along where the format has a place for them (transformers folders,
+    polyformer's own); `overwrite` allows a non-empty `out_dir`."""
     name = type(model).__name__
     target = EXPORTERS.get((format, name))
     if target is None:
@@ -68,6 +76,8 @@ def export(
         # Only where the format keeps one; elsewhere (timm, open_clip, ONNX graphs) the model's users tokenize
         # outside it, so a caller may pass whatever tokenizer the model was trained with.
         kwargs["tokenizer"] = tokenizer
+    if source_tokenizer is not None and "source_tokenizer" in params:  # text-to-text with two vocabularies
+        kwargs["source_tokenizer"] = source_tokenizer
     if "overwrite" in params:
         kwargs["overwrite"] = overwrite
     else:  # a writer that does not guard its folder itself: the same refusal as everywhere, before it runs

@@ -278,12 +278,14 @@ def test_export_picks_the_exporter_by_format_and_model(tmp_path):
     assert sorted(p.name for p in clip_out.iterdir()) == [
         "open_clip_config.json", "open_clip_model.safetensors", "polyformer-clip.json",  # the default model name
     ]  # fmt: skip
-    assert set(FORMATS) >= {"hf", "timm", "open_clip", "onnx"}
+    assert set(FORMATS) == {"hf", "timm", "open_clip", "onnx", "safetensors"}
     for name in ("GPT", "ViT", "CLIP", "EncoderDecoder"):  # imported only when used
         assert EXPORTERS[("onnx", name)] == "polyformer.weights.onnx:export_onnx"
-    with pytest.raises(ValueError, match="a ViT cannot be exported as 'hf'; it exports to timm, onnx"):
+    with pytest.raises(ValueError, match="a ViT cannot be exported as 'hf'; it exports to timm, onnx, safetensors"):
         export(vit(), "hf", tmp_path / "x")
-    with pytest.raises(ValueError, match="unknown export format 'keras': the formats are hf, onnx, open_clip, timm"):
+    with pytest.raises(
+        ValueError, match="unknown export format 'keras': the formats are hf, onnx, open_clip, safetensors, timm"
+    ):
         export(model, "keras", tmp_path / "x")
     timm_out = export(vit(), "timm", tmp_path / "vit", tokenizer=byte_level())  # no place for one: left out
     assert sorted(p.name for p in timm_out.iterdir()) == ["config.json", "model.safetensors", "timm_kwargs.json"]
