@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     from polyformer.weights.export import FORMATS  # the dispatcher's table: a format added there is offered here
+
     p = argparse.ArgumentParser(
         prog="polyformer export", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
