@@ -125,7 +125,7 @@ def test_the_import_probe_sees_benchmarks_and_tests(tmp_path: Path) -> None:
 # In a fresh interpreter: import the plain-PyTorch layers, build every model from its config, run a forward and a
 # backward pass, and report which third-party top-level packages got loaded. Lightning (and torchmetrics, which
 # Lightning's tasks use) must not be among them: a model is usable from a notebook, an export script or another
-# trainer without our training stack.
+# trainer without our training stack; so is an exported model (`polyformer.weights.native`).
 _LAYERS_PROBE = """
 import json, sys
 import torch
@@ -158,6 +158,11 @@ for name, (model, out) in zip(outputs, [(gpt, outputs["gpt"]), (seq2seq, outputs
                                         (vit, outputs["vit"]), (clip, outputs["clip"])]):
     out.float().square().mean().backward()
     grads[name] = all(p.grad is not None for p in model.parameters() if p.requires_grad)
+# polyformer's own export is for the same users: written and read back, and fine-tuned from, without Lightning.
+from polyformer.weights import load_weights
+from polyformer.weights.native import export_safetensors, load_model
+export_safetensors(clip, "export")
+load_weights(load_model("export"), "export/model.safetensors")
 loaded = sorted({m.split(".")[0] for m in sys.modules})
 print(json.dumps({"grads": grads, "loaded": loaded}))
 """

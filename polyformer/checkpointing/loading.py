@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from polyformer.checkpointing.files import CheckpointError, load_checkpoint
 from polyformer.checkpointing.metadata import upgrade
+from polyformer.plain_data import dataclass_from_dict
 
 if TYPE_CHECKING:
     from polyformer.tasks.base import TaskModule
@@ -39,21 +40,6 @@ def build_from_hparams(cls: type[T], hparams: dict[str, Any]) -> T:
                 value = dataclass_from_dict(candidate, value)
                 break
         kwargs[name] = value
-    return cls(**kwargs)
-
-
-def dataclass_from_dict(cls: type, values: dict[str, Any]) -> Any:
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in values:
-            continue
-        v = values[f.name]
-        if dataclasses.is_dataclass(hints.get(f.name)) and isinstance(v, dict):
-            v = dataclass_from_dict(hints[f.name], v)
-        elif isinstance(v, list) and "tuple" in str(hints.get(f.name)):
-            v = tuple(v)
-        kwargs[f.name] = v
     return cls(**kwargs)
 
 

@@ -23,10 +23,10 @@ still loads and resumes. tests/fixtures/format1/ holds checkpoints of format 1 w
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Protocol
 
 from polyformer.checkpointing.files import CheckpointError
+from polyformer.plain_data import flatten, to_primitive
 
 
 class TaskModule(Protocol):
@@ -39,30 +39,6 @@ class TaskModule(Protocol):
 
 
 CHECKPOINT_FORMAT = 3
-
-
-def to_primitive(value: Any) -> Any:
-    """Dataclasses, tuples and paths to plain dicts/lists/strings, so checkpoints load with weights_only=True."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_primitive(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): to_primitive(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_primitive(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts to one level of dotted keys: {"backbone": {"width": 8}} -> {"backbone.width": 8}."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def task_path(task: TaskModule | type) -> str:

@@ -79,7 +79,7 @@ def native_model_state(path: str, model: nn.Module) -> dict[str, Tensor]:
     import dataclasses
     from pathlib import Path
 
-    from polyformer.checkpointing.metadata import flatten, to_primitive
+    from polyformer.plain_data import flatten, to_primitive
     from polyformer.weights.native import model_path, read_config, read_weights
 
     file = Path(path)

@@ -38,7 +38,7 @@ def export_safetensors(
     """Write `model` (a `polyformer.models` network with a dataclass `cfg`) and its tokenizers into `out_dir`."""
     from safetensors.torch import save_model
 
-    from polyformer.checkpointing.metadata import to_primitive
+    from polyformer.plain_data import to_primitive
 
     cfg = getattr(model, "cfg", None)
     if not model_path(model).startswith("polyformer.models.") or cfg is None:
@@ -58,7 +58,7 @@ def export_safetensors(
 
 def read_config(folder: Path) -> tuple[type[nn.Module], Any]:
     """The model class and its config dataclass named by `folder/config.json` (only classes of polyformer.models)."""
-    from polyformer.checkpointing.loading import dataclass_from_dict
+    from polyformer.plain_data import dataclass_from_dict
 
     path = Path(folder) / CONFIG
     try:
