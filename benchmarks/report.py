@@ -112,7 +112,7 @@ def render(report: Report) -> str:
             "",
             "Memory: on CUDA `torch.cuda.max_memory_allocated` over one training step; on CPU an estimate of what a "
             "step holds at its peak (parameters, gradients, AdamW's two moments, and the tensors autograd saves for "
-            "backward). MFU: model training FLOPs per step (6N + 12·L·T·d per token, our task's `training_flops`, the "
+            "backward). MFU: model training FLOPs per step (6N + 12·L·T·d per token, our model's `training_flops`, the "
             "count the training logs use; the same for both sides) over step time and the device's peak; shown on "
             "GPU only.",
         ]
