@@ -126,6 +126,9 @@ class TaskModule(L.LightningModule):
     # regularisation may change between pre-training and fine-tuning.
     architecture_hparams: tuple[str, ...] = ("backbone",)
     not_architecture: tuple[str, ...] = ("dropout", "attention_dropout")
+    # Constructor arguments the model is built with that may come from the data (`connect_data`): until each is set,
+    # the model waits (`missing_sizes`, `build`).
+    size_arguments: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -145,8 +148,9 @@ class TaskModule(L.LightningModule):
 
     # ---- building ---------------------------------------------------------------------------------------------
     def missing_sizes(self) -> list[str]:
-        """Constructor arguments the model needs that are still unset (the data module may provide them)."""
-        return []
+        """Constructor arguments the model needs that are still unset (the data module may provide them): those of
+        `size_arguments` that are None."""
+        return [name for name in self.size_arguments if getattr(self, name) is None]
 
     def build_model(self) -> nn.Module:
         """The task's model, from its now complete config."""

@@ -46,6 +46,7 @@ class Retrieval(NamedTuple):
 
 class CLIP(TaskModule):
     architecture_hparams = ("image", "text", "embed_dim", "vocab_size")
+    size_arguments = ("vocab_size", "eos_id")
 
     def __init__(
         self,
@@ -86,10 +87,6 @@ class CLIP(TaskModule):
         self.build()
 
     # ---- building ---------------------------------------------------------------------------------------------
-    def missing_sizes(self) -> list[str]:
-        sizes = {"vocab_size": self.vocab_size, "eos_id": self.eos_id}
-        return [name for name, value in sizes.items() if value is None]
-
     def connect_data(self, info: DataInfo) -> None:
         self.link("vocab_size", info.vocab_size)
         self.link("eos_id", info.eos_id)

@@ -59,6 +59,7 @@ class Misclassified(NamedTuple):
 class ImageClassifier(TaskModule):
     # image_size is not here on purpose: positions are interpolated, so a checkpoint loads at any resolution.
     architecture_hparams = ("backbone", "num_classes", "channels", "patch_size", "pool", "position", "norm_pre")
+    size_arguments = ("num_classes", "image_size", "channels")
 
     def __init__(
         self,
@@ -100,10 +101,6 @@ class ImageClassifier(TaskModule):
         self.build()
 
     # ---- building ---------------------------------------------------------------------------------------------
-    def missing_sizes(self) -> list[str]:
-        sizes = {"num_classes": self.num_classes, "image_size": self.image_size, "channels": self.channels}
-        return [name for name, value in sizes.items() if value is None]
-
     def connect_data(self, info: DataInfo) -> None:
         self.link("num_classes", info.num_classes)
         self.link("image_size", info.image_size)

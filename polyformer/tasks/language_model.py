@@ -100,6 +100,7 @@ class TokenLoss(Metric):
 
 class LanguageModel(TaskModule):
     architecture_hparams = ("backbone", "vocab_size", "tie_embeddings")
+    size_arguments = ("vocab_size",)
 
     def __init__(
         self,
@@ -126,9 +127,6 @@ class LanguageModel(TaskModule):
         self.build()
 
     # ---- building ---------------------------------------------------------------------------------------------
-    def missing_sizes(self) -> list[str]:
-        return ["vocab_size"] if self.vocab_size is None else []
-
     def build_model(self) -> GPT:
         assert self.vocab_size is not None
         model = GPT(GPTConfig(self.backbone_cfg, self.vocab_size, self.tie_embeddings))

@@ -68,6 +68,7 @@ _DIFFERENT_TOKENIZER = (
 
 class Translation(TaskModule):
     architecture_hparams = ("backbone", "decoder_depth", "vocab_size", "source_vocab_size", "tie_encoder_embedding")
+    size_arguments = ("vocab_size", "source_vocab_size")
 
     def __init__(
         self,
@@ -103,10 +104,6 @@ class Translation(TaskModule):
         self.build()
 
     # ---- building ---------------------------------------------------------------------------------------------
-    def missing_sizes(self) -> list[str]:
-        sizes = {"vocab_size": self.vocab_size, "source_vocab_size": self.source_vocab_size}
-        return [name for name, value in sizes.items() if value is None]
-
     def connect_data(self, info: DataInfo) -> None:
         self.link("vocab_size", info.vocab_size)
         self.link("source_vocab_size", info.source_vocab_size)
