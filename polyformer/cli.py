@@ -30,6 +30,7 @@ VERBS = {
         "polyformer.commands.export",
         "write a checkpoint's model as safetensors, transformers, timm, open_clip or ONNX",
     ),
+    "report": ("polyformer.commands.report", "render a run directory's curves, media and config as one HTML page"),
 }
 
 # Callbacks registered for every run, by config key: `--guards.on_nonfinite=skip`. One line per callback.
