@@ -52,6 +52,10 @@ class Attention(nn.Module):
         else:
             self.qkv = nn.Linear(cfg.width, cfg.width + 2 * kv_width, bias=cfg.bias)
         self.proj = residual_projection(nn.Linear(cfg.width, cfg.width, bias=cfg.bias))
+        # QK-norm over the head dim, one learnable scale shared by the heads. RMSNorm whatever `cfg.norm` is: it only
+        # has to bound the logits' scale, and a LayerNorm's centring would remove one direction of each query/key.
+        qk_norm = lambda: nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()  # noqa: E731
+        self.q_norm, self.k_norm = qk_norm(), qk_norm()
         self.dropout = cfg.attention_dropout
 
     def _heads(self, x: Tensor, n: int) -> Tensor:  # (B, T, n*Dh) -> (B, n, T, Dh)
@@ -68,14 +72,15 @@ class Attention(nn.Module):
     ) -> Tensor:
         G, kv_width = self.kv_heads, self.kv_heads * self.head_dim
         if self.cross:  # encoder keys/values are computed once and kept in the cache while decoding
-            q = self._heads(self.q(x), self.heads)
+            q = self.q_norm(self._heads(self.q(x), self.heads))
             if cache is not None and "k" in cache:
                 k, v = cache["k"], cache["v"]
             else:
                 k, v = (self._heads(t, G) for t in self.kv(context).split(kv_width, dim=-1))
+                k = self.k_norm(k)
         else:
             q, k, v = self.qkv(x).split([x.shape[-1], kv_width, kv_width], dim=-1)
-            q, k, v = self._heads(q, self.heads), self._heads(k, G), self._heads(v, G)
+            q, k, v = self.q_norm(self._heads(q, self.heads)), self.k_norm(self._heads(k, G)), self._heads(v, G)
             if rope is not None:
                 q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             if cache is not None and "k" in cache:  # incremental decoding: append this step's keys/values

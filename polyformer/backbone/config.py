@@ -7,9 +7,9 @@ because it trains without the paper's careful warmup (Xiong et al. 2020), post-L
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
-Activation = Literal["relu", "gelu", "gelu_tanh", "quick_gelu", "swiglu"]
+Activation = Literal["relu", "relu2", "gelu", "gelu_tanh", "quick_gelu", "swiglu"]  # relu2 = relu(x)^2
 Norm = Literal["layernorm", "rmsnorm"]
 Position = Literal["sinusoidal", "learned", "rotary", "none"]
 
@@ -38,8 +38,14 @@ class TransformerConfig:
     causal: bool = False
     cross_attention: bool = False  # decoder of an encoder-decoder model
     window: int | None = None  # sliding-window (local) attention: each query sees the last `window` keys
+    # RMSNorm of each head's queries and keys before rotary and the dot product (Dehghani et al. 2023, OLMo 2):
+    # bounds the attention logits, which otherwise grow with the weights and spike the loss at high lr.
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
+        for name, kind in (("activation", Activation), ("norm", Norm), ("position", Position)):
+            if (value := getattr(self, name)) not in get_args(kind):
+                raise ValueError(f"TransformerConfig.{name} must be one of {get_args(kind)}, got {value!r}")
         for name in ("width", "depth", "heads", "max_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TransformerConfig.{name} must be >= 1, got {getattr(self, name)}")

@@ -20,8 +20,16 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+class ReLUSquared(nn.Module):
+    """relu(x)^2 (So et al. 2021, "Primer"; the modded-nanoGPT speedruns): sparse like ReLU, smooth at 0."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x).square()
+
+
 ACTIVATIONS = {
     "relu": nn.ReLU,
+    "relu2": ReLUSquared,
     "gelu": nn.GELU,
     "gelu_tanh": lambda: nn.GELU(approximate="tanh"),  # GPT-2's; slow on CPU, keep it for faithful weights
     "quick_gelu": QuickGELU,

@@ -102,7 +102,7 @@ def test_every_parameter_receives_a_gradient(options):
     assert not missing, f"no gradient for {missing}"
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "quick_gelu", "swiglu"])
+@pytest.mark.parametrize("activation", ["relu", "relu2", "gelu", "gelu_tanh", "quick_gelu", "swiglu"])
 def test_activations_build_and_run(activation):
     model = make(activation=activation)
     assert torch.isfinite(model(torch.randn(2, 3, 32))).all()
