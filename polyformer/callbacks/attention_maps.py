@@ -26,11 +26,12 @@ def queries_keys_values(
     H, G, Dh = attn.heads, attn.kv_heads, attn.head_dim
     heads = lambda t, n: t.unflatten(-1, (n, Dh)).transpose(1, 2)  # noqa: E731  (B, T, n*Dh) -> (B, n, T, Dh)
     if attn.cross:
-        q = heads(attn.q(x), H)
+        q = attn.q_norm(heads(attn.q(x), H))
         k, v = (heads(t, G) for t in attn.kv(context).split(G * Dh, dim=-1))
+        k = attn.k_norm(k)
     else:
         q, k, v = attn.qkv(x).split([H * Dh, G * Dh, G * Dh], dim=-1)
-        q, k, v = heads(q, H), heads(k, G), heads(v, G)
+        q, k, v = attn.q_norm(heads(q, H)), attn.k_norm(heads(k, G)), heads(v, G)  # QK-norm before rotary
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
     k, v = (t.repeat_interleave(H // G, dim=1) for t in (k, v))
