@@ -1,5 +1,6 @@
 """GPT-style decoder-only language model (Radford et al. 2018/2019): token embedding, a causal backbone, and an
-output head tied with the embedding (Press & Wolf 2017) unless `tie_embeddings=False`.
+output head tied with the embedding (Press & Wolf 2017) unless `tie_embeddings=False`, optionally soft-capped,
+logits = c tanh(logits / c) (Gemma 2, Team et al. 2024).
 
 Plain PyTorch: `polyformer.tasks.language_model.LanguageModel` trains it (next-token loss, bits per byte, sampling
 with the KV cache); `polyformer.weights.gpt2` loads Hugging Face GPT-2 weights into it.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from polyformer.backbone import Cache, TokenEmbedding, Transformer, TransformerConfig, weight_count
@@ -33,11 +35,16 @@ class GPTConfig:
     backbone: TransformerConfig
     vocab_size: int
     tie_embeddings: bool = True  # the output head shares the token embedding matrix
+    # Logits squashed smoothly into (-c, c): no token's logit can run away, which keeps the loss stable late in
+    # training; ~c for small logits (tanh(x) ~ x), so it barely changes a model whose logits stay well below c.
+    logit_softcap: float | None = None
 
     def __post_init__(self) -> None:
         check_decoder_only(self.backbone)
         if self.vocab_size < 1:
             raise ValueError(f"model.vocab_size must be >= 1, got {self.vocab_size}")
+        if self.logit_softcap is not None and not (math.isfinite(self.logit_softcap) and self.logit_softcap > 0):
+            raise ValueError(f"model.logit_softcap must be a finite number > 0 or None (off), got {self.logit_softcap}")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -74,7 +81,10 @@ class GPT(nn.Module):
         left-padded prompts (default: counting on from the cache); `cache` from `new_cache()` for incremental
         decoding (the keys and values of earlier calls, extended in place)."""
         h = self.backbone(self.embed(tokens), padding_mask=padding_mask, positions=positions, cache=cache)
-        return self.head(h)[..., : self.cfg.vocab_size]
+        logits = self.head(h)[..., : self.cfg.vocab_size]
+        if (cap := self.cfg.logit_softcap) is not None:
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     def new_cache(self) -> Cache:
         """An empty KV cache for `forward(..., cache=)`: one dict per block, filled as tokens are decoded."""

@@ -199,6 +199,10 @@ def gpt2_export_problems(model: GPT) -> list[str]:
         need("backbone.window", None, b.window)  # GPT-2 attends to the whole context
     if not cfg.tie_embeddings:
         need("tie_embeddings", True, cfg.tie_embeddings)  # GPT-2's head is its token embedding
+    if b.qk_norm:
+        need("backbone.qk_norm", False, b.qk_norm)  # GPT-2's attention has no query/key norms
+    if cfg.logit_softcap is not None:
+        need("logit_softcap", None, cfg.logit_softcap)  # GPT-2's logits are the head's, uncapped
     return wrong
 
 
