@@ -3,7 +3,9 @@ the optimizer and its schedule, compile / activation checkpointing applied to th
 contract, and the checkpoint hooks (what they write and check is `polyformer.checkpointing.metadata`).
 
 Optimizer recipe: AdamW (Loshchilov & Hutter 2019) with the paper's betas (0.9, 0.98) and eps 1e-9 as defaults,
-weight decay on matrices only, linear warmup then cosine decay to a floor, or the paper's inverse-sqrt schedule.
+weight decay on matrices only, linear warmup then cosine decay to a floor, the paper's inverse-sqrt schedule, or
+warmup-stable-decay (Hägele et al. 2024). `name="muon"` trains the backbones' hidden matrices with Muon
+(`polyformer.optim.muon`) and everything else with AdamW, in one optimizer.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -23,26 +25,47 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     checkpoint_wrapper,
 )
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp import ShardingStrategy
 from torch.utils.checkpoint import checkpoint
 
 from polyformer.backbone import Block, TokenEmbedding, Transformer
 from polyformer.checkpointing.metadata import check_compatible, write_metadata
 from polyformer.data.info import DataInfo, ProvidesDataInfo
+from polyformer.optim import Muon, split_muon_groups
 from polyformer.tasks.media import Media, MediaRequest
+
+OptimizerName = Literal["adamw", "muon"]
+Schedule = Literal["cosine", "inverse_sqrt", "constant", "wsd"]
+DecayShape = Literal["linear", "1-sqrt"]
 
 
 @dataclass
 class OptimizerConfig:
+    name: OptimizerName = "adamw"  # muon: Muon for the backbones' hidden matrices, AdamW (below) for the rest
     lr: float = 3e-4
     betas: tuple[float, float] = (0.9, 0.98)  # the paper's; GPT-2 reproductions use (0.9, 0.95)
     eps: float = 1e-9
     weight_decay: float = 0.1  # applied to matrices only (not biases, norms, positions, class tokens)
-    schedule: Literal["cosine", "inverse_sqrt", "constant"] = "cosine"
+    schedule: Schedule = "cosine"
     warmup_steps: int = 100
-    max_steps: int | None = None  # length of the cosine; None = the Trainer's estimated optimizer steps
-    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    max_steps: int | None = None  # length of the schedule; None = the Trainer's estimated optimizer steps
+    min_lr_ratio: float = 0.1  # cosine / wsd floor as a fraction of lr
+    decay_fraction: float = 0.2  # wsd: the lr decays over this last fraction of max_steps
+    decay_shape: DecayShape = "linear"  # wsd: linear, or 1-sqrt (Hägele et al. 2024: a little lower loss)
+    # Muon's updates have AdamW's RMS (0.2, polyformer.optim.muon), so None = lr is the right start.
+    muon_lr: float | None = None
+    muon_momentum: float = 0.95  # Nesterov momentum of the Muon matrices
 
     def __post_init__(self) -> None:
+        for key, kind in (("name", OptimizerName), ("schedule", Schedule), ("decay_shape", DecayShape)):
+            if (value := getattr(self, key)) not in get_args(kind):
+                raise ValueError(f"optimizer.{key} must be one of {get_args(kind)}, got {value!r}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ValueError(f"optimizer.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.muon_lr is not None and not (math.isfinite(self.muon_lr) and self.muon_lr > 0):
+            raise ValueError(f"optimizer.muon_lr must be a finite number > 0 or None (= lr), got {self.muon_lr}")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise ValueError(f"optimizer.muon_momentum must be in [0, 1), got {self.muon_momentum}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"optimizer.lr must be a finite number > 0, got {self.lr}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
@@ -65,6 +88,11 @@ def lr_multiplier(step: int, cfg: OptimizerConfig, total_steps: int) -> float:
         return math.sqrt(max(warmup, 1) / (step + 1))
     if cfg.schedule == "constant":
         return 1.0
+    if cfg.schedule == "wsd":  # constant at the peak, then decay over the last decay_fraction of the steps
+        decay = max(1, round(cfg.decay_fraction * total_steps))
+        progress = min(1.0, max(0.0, (step - (total_steps - decay)) / decay))
+        shape = progress if cfg.decay_shape == "linear" else math.sqrt(progress)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * (1 - shape)
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -103,6 +131,19 @@ def weight_decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str
          "weight_decay": weight_decay},
         {"params": [p for _, p in groups[False]], "param_names": [n for n, _ in groups[False]], "weight_decay": 0.0},
     ]  # fmt: skip
+
+
+def hidden_matrices(module: nn.Module) -> dict[int, tuple[int, int]]:
+    """The weights of the linear maps inside every backbone (`Transformer`), by id, with their (out, in) shape from
+    the layer's declared sizes (an FSDP shard is a 1-D slice): what Muon trains. Embeddings, output heads, patch
+    convolutions, norms and biases are not among them, by construction of the model, not by name."""
+    return {
+        id(m.weight): (m.out_features, m.in_features)
+        for backbone in module.modules()
+        if isinstance(backbone, Transformer)
+        for m in backbone.modules()
+        if isinstance(m, nn.Linear) and m.weight.requires_grad
+    }
 
 
 def _recompute(block: nn.Module, *args: Any, cache: Any = None, **kwargs: Any) -> Any:
@@ -212,13 +253,26 @@ class TaskModule(L.LightningModule):
     # ---- optimisation -----------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.optim_cfg
-        fused = self.device.type == "cuda"
-        opt = torch.optim.AdamW(
-            weight_decay_groups(self, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused
-        )
+        groups = weight_decay_groups(self, cfg.weight_decay)
+        if cfg.name == "muon":
+            groups = split_muon_groups(groups, hidden_matrices(self), lr=cfg.muon_lr or cfg.lr)
+            opt: torch.optim.Optimizer = Muon(
+                groups, lr=cfg.lr, momentum=cfg.muon_momentum, betas=tuple(cfg.betas), eps=cfg.eps,
+                process_group=self._sharding_group(),
+            )  # fmt: skip
+        else:
+            fused = self.device.type == "cuda"
+            opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
         total = cfg.max_steps or int(self.trainer.estimated_stepping_batches)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _sharding_group(self) -> Any:
+        """The process group whose ranks each hold a slice of every parameter (FSDP sharding it), else None."""
+        model = self.trainer.strategy.model if self._trainer is not None else None
+        if isinstance(model, FSDP) and model.sharding_strategy != ShardingStrategy.NO_SHARD:
+            return model.process_group
+        return None
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
