@@ -59,13 +59,28 @@ def attention_weights(
 
 
 class AttentionRecorder:
-    """Keeps example 0's softmax weights of every `Attention` during one forward pass (the first call of each). A
-    module whose full weights (B, H, T, S) would exceed `max_elements` is skipped rather than risking the memory of a
+    """Keeps the softmax weights of every `Attention` during one forward pass (the first call of each):
+    - `maps`: example 0's, every head, cropped to the first `max_tokens` queries and keys (token x token grids);
+    - `means`: the first `examples` examples' head average, uncropped (n, T, T), and `heads`: example 0's first
+      `heads` heads, uncropped (h, T, T): what patch overlays and attention rollout need. Self-attention only, in
+      float16, and only while n * T * T stays under `max_kept` (4 MB a module), so long text contexts keep just `maps`.
+    A module whose full weights (B, H, T, S) would exceed `max_elements` is skipped rather than risking the memory of a
     large batch; cached decoding steps are skipped too. `remove()` takes the hooks off again."""
 
-    def __init__(self, module: nn.Module, max_tokens: int, max_elements: int = 1 << 26) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        max_tokens: int,
+        max_elements: int = 1 << 26,
+        examples: int = 0,
+        heads: int = 0,
+        max_kept: int = 1 << 21,
+    ) -> None:
         self.maps: dict[str, Tensor] = {}
+        self.means: dict[str, Tensor] = {}
+        self.heads: dict[str, Tensor] = {}
         self.max_tokens, self.max_elements = max_tokens, max_elements
+        self.examples, self.num_heads, self.max_kept = examples, heads, max_kept
         self.handles = [
             m.register_forward_hook(self._make_hook(clean_name(name)), with_kwargs=True)
             for name, m in module.named_modules()
@@ -83,8 +98,13 @@ class AttentionRecorder:
             S = context.shape[1] if context is not None else x.shape[1]
             if x.shape[0] * m.heads * x.shape[1] * S > self.max_elements:
                 return
-            w = attention_weights(m, x, context, a["mask"], a["is_causal"], a["rope"])
+            w = attention_weights(m, x, context, a["mask"], a["is_causal"], a["rope"])  # (B, H, T, S)
             self.maps[name] = w[0, :, : self.max_tokens, : self.max_tokens].float().cpu()
+            n = min(self.examples, w.shape[0])
+            if context is None and n and n * x.shape[1] * S <= self.max_kept:
+                self.means[name] = w[:n].float().mean(dim=1).half().cpu()
+                if self.num_heads:
+                    self.heads[name] = w[0, : self.num_heads].half().cpu()
 
         return hook
 

@@ -7,27 +7,42 @@ LM samples, translations with sentence BLEU and the corpus signature, the confus
 images, CLIP's similarity matrix, zero-shot accuracy per class and retrieval examples.
 
 For any task it also logs the attention maps of the first validation example, per layer and head (recomputed from
-hooked inputs of the task's model, `polyformer.callbacks.attention_maps`: the backbone keeps no weights).
+hooked inputs of the task's model, `polyformer.callbacks.attention_maps`: the backbone keeps no weights). An image
+tower that a task describes with an `AttentionOverlay` (its module path, patch size, pooling token) gets the
+pooling token's attention over the patch grid and the attention rollout drawn over the images instead
+(`polyformer.callbacks.attention_rollout`); the callback learns the layout from that item, never from the task.
 
 Everything runs on global rank 0 only and calls no collective: other ranks do no extra work. Media go to W&B as
 tables and images, to TensorBoard as text and images; other loggers get the scalar parts only.
+
+A fit whose last training steps were not followed by a validation (no validation at all, or none since) logs the
+media once more at fit end, from the first batch of the validation data, else the training data: a short LM run
+shows its samples. That pass records no attention (it would need the task's forward pass) and is skipped when the
+strategy shards parameters (FSDP, DeepSpeed stage 3, model parallel): media() may run the model (LM sampling), and a
+forward pass on rank 0 alone would wait forever for the other ranks' shards.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from polyformer.callbacks.attention_maps import AttentionRecorder
+from polyformer.callbacks.attention_rollout import attention_rollout, heat_overlay, patch_map
 from polyformer.tasks.base import TaskModule
-from polyformer.tasks.media import Heatmap, Images, Media, MediaRequest, Scalars, Table
+from polyformer.tasks.media import AttentionOverlay, Heatmap, Images, Media, MediaRequest, Scalars, Table
 
 Image = np.ndarray  # (H, W, 3) uint8
 
@@ -98,7 +113,10 @@ def heatmap(
     annotate: bool = False,
     xlabel: str = "",
     ylabel: str = "",
+    row_images: Sequence[Tensor] | None = None,
 ) -> Image:
+    """The matrix with a colour bar; `row_images` are drawn as thumbnails in a strip left of the rows, one a row,
+    in place of the row labels."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -109,6 +127,9 @@ def heatmap(
     im = ax.imshow(m, cmap="viridis")
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if row_images is not None:  # the thumbnails are the row labels
+        ylabels = None
+        ax.set(yticks=[], ylabel="")
     for labels, ticks, set_labels in ((xlabels, ax.set_xticks, ax.set_xticklabels),
                                       (ylabels, ax.set_yticks, ax.set_yticklabels)):  # fmt: skip
         if labels is not None:
@@ -117,7 +138,37 @@ def heatmap(
     if annotate:
         for (i, j), v in np.ndenumerate(m):
             ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6, color="w" if v < m.max() / 2 else "k")
-    return _render(fig, FigureCanvasAgg)
+    picture = _render(fig, FigureCanvasAgg)
+    if row_images is None:
+        return picture
+    # Rows' pixel extents from the drawn axes (display y runs upwards, array rows downwards).
+    to_px = lambda y: picture.shape[0] - ax.transData.transform((0, y))[1]  # noqa: E731
+    strip = thumbnail_strip(row_images, [(to_px(r - 0.5), to_px(r + 0.5)) for r in range(m.shape[0])], len(picture))
+    # Right beside the matrix: into the figure's left margin, widened by what the strip needs beyond it.
+    left = int(ax.get_window_extent().x0) - strip.shape[1]
+    if left < 0:
+        picture = np.concatenate([np.full_like(picture[:, :-left], 255), picture], axis=1)
+        left = 0
+    picture[:, left : left + strip.shape[1]] = np.minimum(picture[:, left : left + strip.shape[1]], strip)
+    return picture
+
+
+def thumbnail_strip(images: Sequence[Tensor], rows: Sequence[tuple[float, float]], height: int) -> Image:
+    """A white (height, w, 3) strip with images[i] shrunk into the square cell of pixel rows rows[i] (top, bottom)."""
+    side = max(4, int(min(bottom - top for top, bottom in rows)) - 2)
+    strip = np.full((height, side + 6, 3), 255, dtype=np.uint8)
+    for image, (top, bottom) in zip(images, rows):
+        thumb = resize(to_image(image, min_side=1), side)
+        y = int(round((top + bottom) / 2 - side / 2))
+        strip[max(0, y) : y + side, 2 : 2 + side] = thumb[max(0, -y) : height - y]
+    return strip
+
+
+def resize(image: Image, side: int) -> Image:
+    """(H, W, 3) uint8 -> (side, side, 3): area averaging to shrink, nearest pixels to enlarge (crisp digits)."""
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=(side, side), mode="area" if side < min(image.shape[:2]) else "nearest")
+    return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
 def attention_grid(maps: dict[int, Tensor], title: str) -> Image:
@@ -137,6 +188,37 @@ def attention_grid(maps: dict[int, Tensor], title: str) -> Image:
             ax.set_yticks([])
             ax.set_title(f"layer {layer} head {h}", fontsize=7)
     fig.suptitle(title, fontsize=9)
+    return _render(fig, FigureCanvasAgg)
+
+
+def overlay_figure(
+    images: Sequence[Image],
+    maps: dict[str, Tensor],
+    title: str,
+    row_labels: Sequence[str] | None = None,
+    image_column: bool = True,
+) -> Image:
+    """One row per image: the image (unless `image_column` is false), then each map over it, each scaled to its own
+    range. maps: column title -> (rows, gh, gw)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    titles = (["image"] if image_column else []) + list(maps)
+    n, cols, cell = len(images), len(titles), 1.4
+    fig = Figure(figsize=(cell * cols + 0.5, cell * n + 0.6), dpi=90)
+    axes = fig.subplots(n, cols, squeeze=False)
+    for r, image in enumerate(images):
+        cells = ([image] if image_column else []) + [heat_overlay(image, m[r]) for m in maps.values()]
+        for c, picture in enumerate(cells):
+            ax = axes[r, c]
+            ax.imshow(picture, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(titles[c], fontsize=9)
+        if row_labels is not None:
+            axes[r, 0].set_ylabel(row_labels[r][:22], fontsize=8)
+    fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * 11)), fontsize=10)  # narrow grids wrap it
     return _render(fig, FigureCanvasAgg)
 
 
@@ -164,6 +246,50 @@ def group_attention(maps: dict[str, Tensor], layers: list[int] | None, heads: li
     return groups
 
 
+def attention_overlays(
+    item: AttentionOverlay, means: dict[str, Tensor], heads: dict[str, Tensor], layers: list[int] | None = None
+) -> dict[str, Image]:
+    """The figures of an `AttentionOverlay` from recorded weights (`AttentionRecorder.means` / `.heads`): "" -> rows
+    = images, columns = the image, the pooling token's attention in each of `layers` (None = all; mean over heads),
+    the rollout through every layer; "_heads" -> image 0, rows = layers, columns = the mean and each recorded head.
+    Empty when the stack's weights were not recorded."""
+
+    name = re.compile(rf"{re.escape(item.stack)}\.blocks\.(\d+)\.attn")
+    of_stack = lambda maps: {int(m[1]): w.float() for k, w in maps.items() if (m := name.fullmatch(k))}  # noqa: E731
+
+    mean = of_stack(means)
+    if not mean:
+        return {}
+    n = min(len(item.images), *(len(v) for v in mean.values()))
+    grid = (item.images[0].shape[-2] // item.patch_size, item.images[0].shape[-1] // item.patch_size)
+    query = lambda w: patch_map(w, item.prefix, grid, item.query)  # noqa: E731  (rows, T, T) -> (rows, gh, gw)
+    shown = [to_image(x, min_side=112) for x in item.images[:n]]
+    pooled = "class token" if item.query is not None else "mean of the patches"
+    maps = {f"layer {i}": query(mean[i][:n]) for i in sorted(mean) if layers is None or i in layers}
+    if sorted(mean) == list(range(len(mean))):  # rollout needs every layer
+        maps["rollout"] = query(attention_rollout([mean[i][:n] for i in sorted(mean)]))
+    title = f"{item.stack}: attention of the {pooled} over the patches in each layer (mean over heads) and rolled out"
+    figures = {"": overlay_figure(shown, maps, title, item.captions)}
+    per_head = {i: v for i, v in of_stack(heads).items() if i in mean and (layers is None or i in layers)}
+    if per_head:
+        order = sorted(per_head)
+        columns = {"mean of heads": query(torch.stack([mean[i][0] for i in order]))}
+        for h in range(min(len(v) for v in per_head.values())):
+            columns[f"head {h}"] = query(torch.stack([per_head[i][h] for i in order]))
+        labels = [f"layer {i}" for i in order]
+        figures["_heads"] = overlay_figure(
+            [shown[0]] * len(order), columns, f"{item.stack}, image 0: {pooled} attention per head", labels
+        )
+    return figures
+
+
+def shards_parameters(strategy: Strategy) -> bool:
+    """Whether a forward pass needs every rank (parameters sharded across them)."""
+    if isinstance(strategy, DeepSpeedStrategy):
+        return strategy.zero_stage_3
+    return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
+
+
 # ---- the callback -------------------------------------------------------------------------------------------------
 class TaskMedia(pl.Callback):
     """Logs the task's media after every `every_n_val`-th validation (the first one included), on rank 0 only.
@@ -175,9 +301,11 @@ class TaskMedia(pl.Callback):
         prompts: language-model prompts; None = the task's `samples.prompts`, else the starts of validation texts.
         max_new_tokens, temperature, top_k: sampling of the language-model continuations.
         similarity_size: images x captions of the CLIP similarity matrix.
-        attention: log attention maps of the first validation example.
+        attention: log attention maps of the first validation example (and overlays of image towers).
         attention_layers, attention_heads: which layers / heads (None = all layers, the first `max_heads` heads).
         max_attention_tokens: crop maps to the first positions, so long sequences stay readable.
+        overlay_images: images of an attention overlay (rows of the figure).
+        overlay_heads: also draw the first heads of an overlay separately, for image 0 (0 = only their mean).
     """
 
     def __init__(
@@ -194,19 +322,25 @@ class TaskMedia(pl.Callback):
         attention_heads: list[int] | None = None,
         max_heads: int = 4,
         max_attention_tokens: int = 64,
+        overlay_images: int = 4,
+        overlay_heads: int = 0,
     ) -> None:
         if every_n_val < 0 or num_samples < 1:
             raise ValueError(f"media.every_n_val must be >= 0 and num_samples >= 1, got {every_n_val}, {num_samples}")
+        if overlay_images < 1 or overlay_heads < 0:
+            raise ValueError(f"media.overlay_images must be >= 1 and overlay_heads >= 0, got {overlay_images}, "
+                             f"{overlay_heads}")  # fmt: skip
         self.every_n_val = every_n_val
         self.request = MediaRequest(num_samples, list(prompts or []), max_new_tokens, temperature, top_k,
-                                    similarity_size)  # fmt: skip
+                                    similarity_size, overlay_images)  # fmt: skip
         self.attention, self.attention_layers, self.attention_heads = attention, attention_layers, attention_heads
-        self.max_heads, self.max_attention_tokens = max_heads, max_attention_tokens
+        self.max_heads, self.max_attention_tokens, self.overlay_heads = max_heads, max_attention_tokens, overlay_heads
         self.validations = 0
+        self._logged_step: int | None = None  # the global step media were last logged at (fit end skips if current)
         self._active = False
         self._recorder: AttentionRecorder | None = None
         self._batch: Any = None
-        self._attention_maps: dict[str, Tensor] = {}
+        self._attention: AttentionRecorder | None = None  # the first validation batch's, hooks removed
 
     def state_dict(self) -> dict[str, Any]:
         return {"validations": self.validations}  # a resumed run keeps its every-n rhythm
@@ -222,14 +356,16 @@ class TaskMedia(pl.Callback):
         self._active = (
             trainer.is_global_zero and bool(media_loggers(trainer)) and (self.validations - 1) % self.every_n_val == 0
         )
-        self._batch, self._attention_maps = None, {}
+        self._batch, self._attention = None, None
 
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         if self._active and self.attention and batch_idx == 0 and dataloader_idx == 0:
             model = pl_module.model if isinstance(pl_module, TaskModule) else pl_module
-            self._recorder = AttentionRecorder(model, self.max_attention_tokens)
+            self._recorder = AttentionRecorder(
+                model, self.max_attention_tokens, examples=self.request.overlay_images, heads=self.overlay_heads
+            )
 
     def on_validation_batch_end(
         self,
@@ -242,40 +378,92 @@ class TaskMedia(pl.Callback):
     ) -> None:
         if self._recorder is not None:
             self._recorder.remove()
-            self._attention_maps, self._recorder = self._recorder.maps, None
+            self._attention, self._recorder = self._recorder, None
         if self._active and batch_idx == 0 and dataloader_idx == 0:
-            self._batch = _first_rows(batch, max(self.request.num_samples, self.request.similarity_size))
+            self._batch = _first_rows(batch, self._rows())
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After the task's on_validation_epoch_end, so its confusion matrix, BLEU signature etc. are up to date.
         if not self._active:
             return
         self._active = False
-        if isinstance(pl_module, TaskModule) and self._batch is not None:
+        if self._batch is not None:
+            self._log_media(trainer, pl_module, self._batch, self._attention)
+        self._batch, self._attention = None, None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not (self.every_n_val and trainer.is_global_zero and media_loggers(trainer)):
+            return
+        if self._logged_step is not None and self._logged_step >= trainer.global_step:
+            return  # the last validation already showed the final model
+        if shards_parameters(trainer.strategy):
+            rank_zero_info("TaskMedia: no media at fit end under a strategy that shards parameters (see its docs)")
+            return
+        batch = _first_batch(trainer)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            self._log_media(trainer, pl_module, None if batch is None else _first_rows(batch, self._rows()), None)
+        finally:
+            pl_module.train(was_training)
+
+    def _rows(self) -> int:
+        r = self.request
+        return max(r.num_samples, r.similarity_size, r.overlay_images)
+
+    def _log_media(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, attention: AttentionRecorder | None
+    ) -> None:
+        """The task's media, then the token x token attention grids of the stacks no overlay has drawn."""
+        overlaid: set[str] = set()
+        if isinstance(pl_module, TaskModule):
             with torch.no_grad():
-                for item in pl_module.media(self._batch, self.request):
-                    log_media(trainer, item)
-        if self._attention_maps:
-            groups = group_attention(self._attention_maps, self.attention_layers, self.attention_heads, self.max_heads)
+                for item in pl_module.media(batch, self.request):
+                    if isinstance(item, AttentionOverlay):
+                        overlaid.add(item.stack)
+                        if attention is not None:
+                            figures = attention_overlays(item, attention.means, attention.heads, self.attention_layers)
+                            for suffix, image in figures.items():
+                                log_images(trainer, f"media/{item.key}{suffix}", [image])
+                    else:
+                        log_media(trainer, item)
+        if attention is not None and attention.maps:
+            groups = group_attention(attention.maps, self.attention_layers, self.attention_heads, self.max_heads)
             for key, maps in groups.items():
-                log_images(trainer, f"media/attention/{key}", [attention_grid(maps, f"attention of example 0: {key}")])
-        self._batch, self._attention_maps = None, {}
+                if key.rsplit("/", 1)[0] not in overlaid:
+                    log_images(
+                        trainer, f"media/attention/{key}", [attention_grid(maps, f"attention of example 0: {key}")]
+                    )
+        self._logged_step = trainer.global_step
 
 
 def log_media(trainer: pl.Trainer, item: Media) -> None:
-    """Render one media item and log it to every logger that shows its kind."""
+    """Render one media item and log it to every logger that shows its kind (an `AttentionOverlay` needs recorded
+    weights: `attention_overlays`)."""
     if isinstance(item, Table):
         rows = [[to_image(c) if isinstance(c, Tensor) else c for c in row] for row in item.rows]
         log_table(trainer, f"media/{item.key}", item.columns, rows)
     elif isinstance(item, Images):
         log_images(trainer, f"media/{item.key}", [to_image(x) for x in item.images], item.captions)
     elif isinstance(item, Heatmap):
-        image = heatmap(item.matrix, item.title, item.xlabels, item.ylabels, item.annotate, item.xlabel, item.ylabel)
+        image = heatmap(item.matrix, item.title, item.xlabels, item.ylabels, item.annotate, item.xlabel, item.ylabel,
+                        item.row_images)  # fmt: skip
         log_images(trainer, f"media/{item.key}", [image])
     elif isinstance(item, Scalars):
         log_scalars(trainer, item.values)
     else:
         raise TypeError(f"media() returned {type(item).__name__}; expected Table, Images, Heatmap or Scalars")
+
+
+def _first_batch(trainer: pl.Trainer) -> Any:
+    """The first batch of the validation data, else of the training data; None if neither has one."""
+    for loaders in (trainer.val_dataloaders, trainer.train_dataloader):
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+        if loader is None or isinstance(loaders, dict):
+            continue
+        for batch in loader:
+            return batch
+    return None
 
 
 def _first_rows(batch: Any, n: int) -> Any:

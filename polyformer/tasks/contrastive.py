@@ -31,7 +31,7 @@ from polyformer.models.clip import CLIP as CLIPModel
 from polyformer.models.clip import CLIPConfig, ImageEncoderConfig, TextEncoderConfig, check_logit_scale
 from polyformer.tasks.base import OptimizerConfig, TaskModule
 from polyformer.tasks.contrastive_loss import contrastive_loss, gather_uneven, retrieval_recall, topk_hits
-from polyformer.tasks.media import Heatmap, Media, MediaRequest, Scalars, Table
+from polyformer.tasks.media import Heatmap, Media, MediaRequest, Scalars, Table, tower_overlay
 
 __all__ = ["CLIP", "ImageEncoderConfig", "Retrieval", "TextEncoderConfig"]
 
@@ -237,11 +237,14 @@ class CLIP(TaskModule):
         """After a validation epoch, from what it kept:
         - "similarity": a heatmap of the scaled cosine similarity of the first `request.similarity_size` images and
           captions of the first validation batch, from the embeddings its validation step computed (no forward pass
-          here); `batch` (its first rows) gives the captions;
+          here); `batch` (its first rows) gives the captions and the images, drawn as thumbnails beside the rows;
         - "zero_shot_per_class": a table of zero-shot top-1 per class, also logged as `val/zero_shot_top1/<class>`;
         - "retrieval": up to `request.num_samples` evaluation images with their caption and the nearest captions
           (cosine), the image shown when it is among `batch`'s rows (the gathered set starts with rank 0's first
-          batch, the one `batch` comes from)."""
+          batch, the one `batch` comes from);
+        - "attention_overlay": the first `request.overlay_images` images of `batch` with where the image tower looks
+          (its pooling token's attention over the patches per layer, and the rollout; drawn by the callback from
+          the weights it recorded). The text tower keeps the callback's token x token grids."""
         items: list[Media] = []
         images = batch.get("image") if isinstance(batch, dict) else None
         tokens = batch.get("text") if isinstance(batch, dict) else None
@@ -252,7 +255,8 @@ class CLIP(TaskModule):
             captions = decode_rows(self.tokenizer, tokens[:n]) if self.tokenizer else [str(i) for i in range(n)]
             items.append(
                 Heatmap("similarity", sim, "image-text similarity (scaled cosine)", xlabels=captions,
-                        ylabels=[f"image {i}" for i in range(n)], xlabel="caption", ylabel="image")
+                        ylabels=[f"image {i}" for i in range(n)], xlabel="caption", ylabel="image",
+                        row_images=list(images[:n]) if images is not None and len(images) >= n else None)
             )  # fmt: skip
         if self.per_class_top1:
             rows: list[list[Any]] = [[name, top1] for name, top1 in self.per_class_top1.items()]
@@ -267,6 +271,12 @@ class CLIP(TaskModule):
                 row: list[Any] = [r.caption, " | ".join(f"{c} ({s:.2f})" for c, s in zip(r.retrieved, r.scores))]
                 table.append([images[i], *row] if with_images else row)
             items.append(Table("retrieval", columns, table))
+        if images is not None:
+            shown = list(images[: request.overlay_images])
+            captions = (
+                decode_rows(self.tokenizer, tokens[: len(shown)]) if self.tokenizer and tokens is not None else None
+            )
+            items.append(tower_overlay("attention_overlay", self.model.image, "image", shown, captions))
         return items
 
     # ---- checkpoints ------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from polyformer.data.info import DataInfo
 from polyformer.models.image_tower import resize_pos_embed
 from polyformer.models.vit import ViT, ViTConfig
 from polyformer.tasks.base import OptimizerConfig, TaskModule
-from polyformer.tasks.media import Heatmap, Images, Media, MediaRequest
+from polyformer.tasks.media import Heatmap, Images, Media, MediaRequest, tower_overlay
 
 
 @dataclass
@@ -210,20 +210,27 @@ class ImageClassifier(TaskModule):
     # ---- media ------------------------------------------------------------------------------------------------
     def media(self, batch: Any, request: MediaRequest) -> list[Media]:
         """The last validation's confusion matrix ("confusion_matrix", rows = true class, annotated up to 20
-        classes) and up to `request.num_samples` misclassified images of this rank ("misclassified", captioned
-        "true X / predicted Y (confidence)"). Both were kept during validation: `batch` is not needed."""
+        classes), up to `request.num_samples` misclassified images of this rank ("misclassified", captioned
+        "true X / predicted Y (confidence)"), both kept during validation, and the first `request.overlay_images`
+        images of `batch` with where the tower looks ("attention_overlay": its class token's attention over the
+        patches per layer, and the rollout; the callback draws it from the weights it recorded)."""
+        names = list(self.class_names or [str(i) for i in range(self.model.cfg.num_classes)])
+        items: list[Media] = []
         cm = self.confusion_matrix
-        if cm is None:
-            return []
-        names = list(self.class_names or [str(i) for i in range(cm.shape[0])])
-        items: list[Media] = [
-            Heatmap("confusion_matrix", cm, "validation confusion matrix", xlabels=names, ylabels=names,
-                    xlabel="predicted", ylabel="true", annotate=cm.shape[0] <= 20)
-        ]  # fmt: skip
+        if cm is not None:
+            items.append(
+                Heatmap("confusion_matrix", cm, "validation confusion matrix", xlabels=names, ylabels=names,
+                        xlabel="predicted", ylabel="true", annotate=cm.shape[0] <= 20)
+            )  # fmt: skip
         wrong = self.misclassified[: request.num_samples]
         if wrong:
             captions = [f"true {names[m.target]} / predicted {names[m.predicted]} ({m.confidence:.2f})" for m in wrong]
             items.append(Images("misclassified", [m.image for m in wrong], captions))
+        if isinstance(batch, (list, tuple)) and isinstance(batch[0], Tensor) and batch[0].ndim == 4:
+            images = batch[0][: request.overlay_images]
+            shown = self.denormalize(images) if self.denormalize else _to_uint8(images)
+            captions = [f"true {names[int(t)]}" for t in batch[1][: len(images)]] if len(batch) > 1 else None
+            items.append(tower_overlay("attention_overlay", self.model.tower, "tower", list(shown), captions))
         return items
 
     # ---- checkpoints ------------------------------------------------------------------------------------------

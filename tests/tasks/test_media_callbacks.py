@@ -217,9 +217,10 @@ def test_the_callback_logs_whatever_a_task_returns_from_media(tmp_path):
 
     loader = DataLoader(TensorDataset(torch.randn(16, 4)), batch_size=8)
     tb = TensorBoardLogger(tmp_path, name="tb")
+    media = TaskMedia(num_samples=3, similarity_size=2, overlay_images=2, attention=False)
     trainer = L.Trainer(
         max_steps=2, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0, accelerator="cpu",
-        logger=tb, callbacks=[TaskMedia(num_samples=3, similarity_size=2, attention=False)], default_root_dir=tmp_path,
+        logger=tb, callbacks=[media], default_root_dir=tmp_path,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
     )  # fmt: skip
     trainer.fit(Shows(), loader, loader)
