@@ -86,6 +86,5 @@ def test_similarity_heatmap_draws_one_thumbnail_per_row_left_of_the_matrix():
     starts, ends = runs[::2], runs[1::2]
     assert len(starts) == n, starts  # one thumbnail a row
     assert len(set((ends - starts).tolist())) == 1 and (ends - starts)[0] > 10  # all the same size
-    assert (
-        len(set(np.diff(starts).tolist()) - {np.diff(starts)[0] - 1, np.diff(starts)[0], np.diff(starts)[0] + 1}) == 0
-    )
+    gaps = np.diff(starts)
+    assert gaps.max() - gaps.min() <= 1  # evenly spaced, as the matrix's rows are

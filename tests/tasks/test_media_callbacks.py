@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import lightning as L
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from wandb_reader import offline_runs, read_run
@@ -47,12 +49,22 @@ def vit_task():
     return model, ImageDataModule(dataset="digits", batch_size=16, eval_batch_size=32)
 
 
-def fit(model, data, logger, tmp_path, callbacks=None, steps=4):
+def clip_task():
+    from polyformer.data.image_text import ImageTextData
+    from polyformer.tasks.contrastive import CLIP, ImageEncoderConfig, TextEncoderConfig
+
+    image = ImageEncoderConfig(TransformerConfig(**TINY, position="none"), image_size=8, patch_size=2, channels=1)
+    text = TextEncoderConfig(TransformerConfig(**TINY, position="learned", max_len=32, causal=True))
+    return CLIP(image=image, text=text, embed_dim=16), ImageTextData(batch_size=16, eval_batch_size=32)
+
+
+def fit(model, data, logger, tmp_path, callbacks=None, steps=4, limit_val_batches=1):
     callbacks = callbacks if callbacks is not None else [
         RunMetadata(), TaskMedia(num_samples=3, max_new_tokens=6), TrainingStats(window_size=2), LearningRate()
     ]  # fmt: skip
     trainer = L.Trainer(
-        max_steps=steps, val_check_interval=2, check_val_every_n_epoch=None, limit_val_batches=1, log_every_n_steps=1,
+        max_steps=steps, val_check_interval=2, check_val_every_n_epoch=None, limit_val_batches=limit_val_batches,
+        log_every_n_steps=1,
         num_sanity_val_steps=0, accelerator="cpu", devices=1, logger=logger, callbacks=callbacks,
         default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=logger is not False,
@@ -68,9 +80,9 @@ def wandb_run(tmp_path, monkeypatch):
 
     monkeypatch.setenv("POLYFORMER_CACHE", str(tmp_path / "cache"))
 
-    def run(make_task):
+    def run(make_task, **kwargs):
         model, data = make_task()
-        trainer = fit(model, data, WandbLogger(save_dir=str(tmp_path), offline=True), tmp_path)
+        trainer = fit(model, data, WandbLogger(save_dir=str(tmp_path), offline=True), tmp_path, **kwargs)
         wandb.finish()
         (run_dir,) = offline_runs(tmp_path)
         return trainer, read_run(run_dir)
@@ -131,6 +143,34 @@ def test_image_classification_media(wandb_run):
     assert shots  # an untrained 10-class model gets most digits wrong
     row = next(r for r in run.history if "media/misclassified.captions" in r or "media/misclassified._type" in r)
     assert row["trainer/global_step"] == 2
+    # The class token's attention over the patches, per layer and rolled out, over 4 images, after each validation;
+    # no token x token grids for the image tower any more.
+    overlays = run.media("images", "media/attention_overlay")
+    assert len(overlays) == 2 and [s for s, _ in run.values("media/attention_overlay._type")] == [2, 4]
+    picture = np.asarray(PIL.Image.open(overlays[0]))
+    assert picture.shape[0] > 400 and picture.shape[1] > 500  # 4 rows; image, 2 layers, rollout
+    assert not any(k.startswith("media/attention/") for k in run.metric_keys()), sorted(run.metric_keys())
+
+
+@pytest.mark.slow
+def test_clip_media(wandb_run):
+    trainer, run = wandb_run(clip_task)
+    assert trainer.global_step == 4 and "image" in run.config  # CLIP's hyperparameters: two towers, no "backbone"
+    assert run.media("images", "media/similarity")  # with image thumbnails beside the rows
+    similarity = np.asarray(PIL.Image.open(run.media("images", "media/similarity")[0]))[..., :3]
+    assert (similarity[:, : similarity.shape[1] // 4] < 60).all(-1).sum() > 100  # dark digit backgrounds, left
+    assert run.media("images", "media/attention_overlay")  # the image tower: overlays
+    assert run.media("images", "media/attention/text.encoder/attn")  # the text tower: token x token grids
+    assert not run.media("images", "media/attention/image.encoder/attn")
+
+
+@pytest.mark.slow
+def test_language_model_without_validation_logs_samples_at_fit_end(wandb_run):
+    trainer, run = wandb_run(lm_task, steps=2, limit_val_batches=0)
+    assert trainer.global_step == 2
+    assert [s for s, _ in run.values("media/samples._type")] == [2]  # once, at fit end
+    content = json.loads(run.media("table", "media/samples")[0].read_text())
+    assert [row[1] for row in content["data"]] == ["The ", "A "] and all(row[2] for row in content["data"])
 
 
 def test_group_attention_picks_layers_and_heads():
