@@ -125,7 +125,14 @@ class Muon(torch.optim.Optimizer):
                 if self.process_group is None:
                     continue
                 grad = torch.zeros_like(p)  # a rank without this matrix's gradient still joins the gather
-            buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+            state = self.state[p]
+            if not state:
+                # AdamW's state keys, the momentum kept as exp_avg, exp_avg_sq unused: FSDP.optim_state_dict gathers
+                # each key over all parameters of a FlatParameter, which mixes Muon matrices with AdamW biases and
+                # norms, and fails on a key some of them lack. The price is AdamW's memory for the matrices.
+                state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            state["step"] += 1
+            buf = state["exp_avg"]
             buf.mul_(mu).add_(grad)
             params.append(p)
             shapes.append(shape)
