@@ -42,7 +42,7 @@ th { background: #f2f4f7; } .num { font-variant-numeric: tabular-nums; }
 figure { margin: 0; border: 1px solid #e3e7ec; border-radius: 6px; padding: 6px; }
 figure svg { width: 100%; height: auto; display: block; }
 .images { display: flex; flex-wrap: wrap; gap: 10px; } .images figure { max-width: 100%; }
-.images img { image-rendering: pixelated; max-width: 100%; display: block; }
+.images img { image-rendering: pixelated; max-width: 100%; min-width: 96px; display: block; }
 figcaption { font-size: 12px; color: #5a6572; max-width: 360px; }
 td img { max-width: 160px; image-rendering: pixelated; }
 pre { background: #f6f8fa; border: 1px solid #e3e7ec; padding: 10px; overflow: auto; max-height: 640px;
