@@ -13,11 +13,13 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import logging
 import os
 import re
 import sys
 import textwrap
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ VERBS = {
 
 # Callbacks registered for every run, by config key: `--guards.on_nonfinite=skip`. One line per callback.
 ALWAYS_ON = {
+    "run_directory": "polyformer.callbacks.run_directory.RunDirectory",  # first: the others write into it
     "guards": "polyformer.callbacks.guards.TrainingGuards",
     "rng_state": "polyformer.checkpointing.rng.RNGState",  # before slurm_requeue: snapshot, then the HPC save
     "slurm_requeue": "polyformer.callbacks.slurm_requeue.SlurmRequeue",
@@ -42,6 +45,7 @@ ALWAYS_ON = {
     "stats": "polyformer.callbacks.stats.TrainingStats",
     "lr": "polyformer.callbacks.stats.LearningRate",
     "media": "polyformer.callbacks.media.TaskMedia",
+    "summary": "polyformer.callbacks.run_summary.RunSummary",
 }
 
 DESCRIPTION = "polyformer: one transformer backbone for language modelling, translation, ViT and CLIP.\n\n" + (
@@ -62,7 +66,7 @@ def make_cli_class() -> type:
     """PolyformerCLI, built on first use so that `polyformer generate` does not pay for importing Lightning's CLI."""
     from argparse import ArgumentError
 
-    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
     from polyformer.checkpointing.io import with_atomic_checkpoint_io
 
@@ -74,9 +78,25 @@ def make_cli_class() -> type:
             kwargs.setdefault("allow_abbrev", False)
             super().__init__(*args, **kwargs)
 
+    class SaveRunConfig(SaveConfigCallback):
+        """LightningCLI's config.yaml, in the run directory also when the run has no logger (Lightning then writes it
+        to `default_root_dir`, shared by every run there)."""
+
+        def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            from polyformer.callbacks.run_directory import RunDirectory
+
+            run_dir = next((cb.run_dir for cb in trainer.callbacks if isinstance(cb, RunDirectory)), None)
+            if self.already_saved or trainer.loggers or run_dir is None:
+                return super().setup(trainer, pl_module, stage)
+            if trainer.is_global_zero:
+                path = str(run_dir / self.config_filename)
+                self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=self.multifile)
+            self.already_saved = trainer.strategy.broadcast(True)
+
     class PolyformerCLI(LightningCLI):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs.setdefault("parser_class", StrictParser)
+            kwargs.setdefault("save_config_callback", SaveRunConfig)
             super().__init__(*args, **kwargs)
 
         def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
@@ -118,14 +138,51 @@ def make_cli_class() -> type:
                 from polyformer.checkpointing.files import load_checkpoint
 
                 load_checkpoint(ckpt_path, mmap=True)  # mmap: tensors are not read, only the structure is checked
+                # Through `latest` the path would name the new run's directory once the run sets up: fix it now.
+                self.config[subcommand]["ckpt_path"] = os.path.realpath(ckpt_path)
 
         def instantiate_trainer(self, **kwargs: Any) -> Any:
+            from lightning.pytorch.callbacks import ProgressBar
+
+            from polyformer.callbacks.progress import StepProgressBar
+            from polyformer.loggers import TensorBoardLogger
+
             config = self._get(self.config_init, "trainer", default={})
             # Merged here, not via trainer_defaults: a preset setting trainer.plugins would replace a default.
             kwargs["plugins"] = with_atomic_checkpoint_io(kwargs.get("plugins", config.get("plugins")))
+            if config.get("logger") in (None, True):  # Lightning's default, but in the run directory
+                kwargs["logger"] = TensorBoardLogger()
+            if config.get("enable_model_summary") is None:  # RunSummary prints the size (tied weights once)
+                kwargs["enable_model_summary"] = False
+            given = config.get("callbacks") or []
+            callbacks = list(given) if isinstance(given, (list, tuple)) else [given]
+            wants_bar = config.get("enable_progress_bar") is not False
+            if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
+                kwargs["callbacks"] = [*callbacks, StepProgressBar()]
             return super().instantiate_trainer(**kwargs)
 
     return PolyformerCLI
+
+
+# Lightning's start-up lines that say nothing about this run (an advertisement, accelerators it does not use: the
+# run's own header names the device), and a deprecation inside Lightning that users cannot act on.
+_QUIET_PREFIXES = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:", "Seed set to")
+_QUIET_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"\s*skip_none parameter was deprecated")
+
+
+class _QuietStartup(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).rpartition("] ")[2].startswith(_QUIET_PREFIXES)  # "[rank: 1] Seed set to 0"
+
+
+def quiet_startup() -> None:
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.fabric.utilities.seed"):  # fmt: skip
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietStartup) for f in logger.filters):
+            logger.addFilter(_QuietStartup())
+    for message in _QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def run_lightning_cli(argv: list[str] | None) -> None:
@@ -136,6 +193,7 @@ def run_lightning_cli(argv: list[str] | None) -> None:
 
     from polyformer.tasks.base import TaskModule
 
+    quiet_startup()
     make_cli_class()(
         TaskModule,
         L.LightningDataModule,

@@ -1,4 +1,10 @@
-"""Weights & Biases logging that is safe in batch jobs and continues runs across resumes.
+"""Loggers that write into the run directory, and Weights & Biases logging that is safe in batch jobs and continues
+runs across resumes.
+
+Every run writes into one directory, `<trainer.default_root_dir>/version_N` (`polyformer.callbacks.run_directory`):
+the loggers here leave `save_dir` unset (None) and are placed there when training sets up. `TensorBoardLogger` and
+`CSVLogger` are Lightning's with that default and no experiment-name level (`name=""`); given a `save_dir`, they
+behave exactly as Lightning's.
 
 `WandbLogger` is Lightning's logger with three changes:
 - with no W&B credentials (no `WANDB_API_KEY`, identity token or netrc entry) and no `WANDB_MODE`, the run goes
@@ -25,9 +31,12 @@ from urllib.parse import urlparse
 
 import lightning.pytorch as pl
 import yaml
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.logger import _convert_params, _sanitize_callable_params
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
+from lightning.pytorch.loggers import TensorBoardLogger as LightningTensorBoardLogger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
@@ -53,6 +62,93 @@ def new_run_id() -> str:
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
+class _Unplaced:
+    """Stands in for a logger's writer until the run directory is known. Lightning touches `logger.experiment` before
+    any callback's `setup` (`_call_setup_hook`), which would make the writer, and its directory, at the placeholder.
+    Used for anything else, it places the logger in the working directory (Lightning's own default root): a Trainer
+    built without the CLI's `RunDirectory` callback still logs."""
+
+    def __init__(self, logger: TensorBoardLogger | CSVLogger) -> None:
+        self._logger = logger
+
+    def __getattr__(self, name: str) -> Any:
+        self._logger.place(os.getcwd())
+        return getattr(self._logger.experiment, name)
+
+
+class TensorBoardLogger(LightningTensorBoardLogger):
+    """Lightning's TensorBoard logger, by default in the run directory (`<default_root_dir>/version_N`).
+
+    Args:
+        save_dir: None = `trainer.default_root_dir`, resolved when training sets up; a path = Lightning's behaviour
+            (`<save_dir>/<name>/version_N`).
+        name: a level between save_dir and version_N; empty by default, so the run directory is `.../version_N`.
+        default_hp_metric: Lightning's placeholder `hp_metric = -1`; off, since it only clutters the dashboard.
+    """
+
+    def __init__(
+        self,
+        save_dir: str | None = None,
+        name: str = "",
+        version: int | str | None = None,
+        log_graph: bool = False,
+        default_hp_metric: bool = False,
+        prefix: str = "",
+        sub_dir: str | None = None,
+    ) -> None:
+        self.placed = save_dir is not None
+        self._version_arg = version
+        super().__init__(save_dir or ".", name, version, log_graph, default_hp_metric, prefix, sub_dir)
+
+    def place(self, root: str | Path, version: str | None = None) -> None:
+        """Write under `root` (as `version`, when given) instead of the placeholder; called before the first write."""
+        self._root_dir = os.fspath(root)
+        self._fs = get_filesystem(self._root_dir)
+        self._version = version if version is not None else self._version_arg
+        self._experiment = None  # made on first use, in the placed directory
+        self.placed = True
+
+    @property
+    def experiment(self) -> Any:
+        if not self.placed:
+            return _Unplaced(self)
+        return LightningTensorBoardLogger.experiment.fget(self)  # type: ignore[attr-defined]
+
+
+class CSVLogger(LightningCSVLogger):
+    """Lightning's CSV logger (`metrics.csv`, `hparams.yaml`), by default in the run directory; see TensorBoardLogger.
+
+    Args:
+        save_dir: None = `trainer.default_root_dir`, resolved when training sets up; a path = Lightning's behaviour.
+        name: a level between save_dir and version_N; empty by default.
+    """
+
+    def __init__(
+        self,
+        save_dir: str | None = None,
+        name: str = "",
+        version: int | str | None = None,
+        prefix: str = "",
+        flush_logs_every_n_steps: int = 100,
+    ) -> None:
+        self.placed = save_dir is not None
+        self._version_arg = version
+        super().__init__(save_dir or ".", name, version, prefix, flush_logs_every_n_steps)
+
+    def place(self, root: str | Path, version: str | None = None) -> None:
+        self._root_dir = self._save_dir = os.fspath(root)
+        self._fs = get_filesystem(self._root_dir)
+        self._version = version if version is not None else self._version_arg
+        self._experiment = None  # made on first use, in the placed directory
+        self.placed = True
+
+    @property
+    def experiment(self) -> Any:
+        if not self.placed:
+            return _Unplaced(self)
+        return LightningCSVLogger.experiment.fget(self)  # type: ignore[attr-defined]
+
+
 class _PendingRun:
     """Stands in for the W&B run until something uses it; the first attribute access starts the real run. Lightning
     touches `logger.experiment` during setup, before the checkpoint to resume is read: starting the run there would
@@ -71,7 +167,10 @@ class WandbLogger(LightningWandbLogger):
     Args:
         offline: True = offline, False = online (wandb may then ask for a login), None = online if credentials exist,
             else offline. `WANDB_MODE` in the environment (offline, online, disabled) wins over None.
-        log_model: upload checkpoints as artifacts (True: at the end, "all": every save); ignored offline.
+        log_model: checkpoints as W&B artifacts (True: the best and last at the end, "all": every save); offline
+            runs keep them with the run and `wandb sync` uploads them.
+        save_dir: None = the run directory (`<default_root_dir>/version_N`, the files in its `wandb/`), resolved
+            when training sets up; a path = W&B's files there.
     """
 
     def __init__(
@@ -83,7 +182,7 @@ class WandbLogger(LightningWandbLogger):
         tags: list[str] | None = None,
         notes: str | None = None,
         job_type: str | None = None,
-        save_dir: str = ".",
+        save_dir: str | None = None,
         id: str | None = None,
         offline: bool | None = None,
         log_model: bool | Literal["all"] = False,
@@ -98,17 +197,15 @@ class WandbLogger(LightningWandbLogger):
             self.auto_offline = False
         # Always explicit: wandb reads WANDB_MODE only once per process, so a later change of it would be missed.
         mode = "disabled" if env_mode == "disabled" else "offline" if offline else "online"
-        if offline and log_model:
-            rank_zero_warn(f"W&B is offline: log_model={log_model!r} has no effect (checkpoints stay on disk)")
-            log_model = False
         extra = {
             k: v for k, v in dict(entity=entity, group=group, tags=tags, notes=notes, job_type=job_type).items() if v
         }
         # An id chosen now (not by wandb.init) names the checkpoint folder Lightning derives from the logger's version
         # before the run starts; RunMetadata replaces it with the checkpoint's id on resume.
+        self.placed = save_dir is not None
         super().__init__(
             name=name,
-            save_dir=save_dir,
+            save_dir=save_dir or ".",
             id=id or new_run_id(),
             project=project,
             log_model=log_model,
@@ -118,6 +215,13 @@ class WandbLogger(LightningWandbLogger):
             **extra,
         )
         self._wandb_init.pop("anonymous", None)  # Lightning passes it; wandb >= 0.19 warns that it does nothing
+
+    def place(self, run_dir: str | Path) -> None:
+        """Write the W&B files into `run_dir/wandb/` instead of the placeholder; called before the run starts."""
+        if self._experiment is not None:
+            raise RuntimeError(f"the W&B run has already started in {self._save_dir}; it cannot move to {run_dir}")
+        self._save_dir = self._wandb_init["dir"] = os.fspath(run_dir)
+        self.placed = True
 
     @property
     @rank_zero_experiment

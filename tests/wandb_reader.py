@@ -18,6 +18,7 @@ class Run:
     id: str
     config: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    artifacts: list[dict[str, Any]] = field(default_factory=list)  # logged artifacts: name, type, manifest, ...
 
     def metric_keys(self) -> set[str]:
         return {k for row in self.history for k in row}
@@ -55,4 +56,6 @@ def read_run(run_dir: Path) -> Run:
             run.config.update(record["config"].get("update", {}))
         elif kind == "history":
             run.history.append(record["history"]["item"])
+        elif kind == "artifact":
+            run.artifacts.append(record["artifact"])
     return run

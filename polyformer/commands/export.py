@@ -9,6 +9,9 @@
 - `open_clip` (CLIP): an open_clip state dict and model config;
 - `onnx` (every task): ONNX graphs with dynamic batch and sequence axes, for onnxruntime.
 
+With --log_model the folder is also logged as a W&B model artifact, to the W&B run that trained the checkpoint when
+it names one (offline without credentials: `wandb sync` uploads it later).
+
 The folder appears whole or not at all: everything is written into a temporary sibling first, so an export that
 fails halfway leaves no partial folder. An existing folder is replaced only with --overwrite.
 """
@@ -29,6 +32,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, type=Path, help="the folder to write (created; must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--log_model",
+        action="store_true",
+        help="also log the folder as a W&B model artifact (to the checkpoint's training run when it has one)",
+    )
     return p.parse_args(argv)
 
 
@@ -43,6 +51,10 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"--out {out} is a file; give a folder path")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ValueError(f"--out {out} already exists and is not empty; choose another folder or add --overwrite")
+    if args.log_model:
+        from polyformer.weights.wandb_artifact import check_wandb_enabled
+
+        check_wandb_enabled()
     task = load_task(args.ckpt)
     tokenizer = getattr(task, "tokenizer", None)
     source_tokenizer = getattr(task, "source_tokenizer", None)
@@ -51,4 +63,13 @@ def main(argv: list[str]) -> int:
     )
     files = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file())
     print(f"exported {type(task.model).__name__} ({args.format}) to {out}: {', '.join(files)}")
+    if args.log_model:
+        from polyformer.checkpointing.files import load_checkpoint
+        from polyformer.weights.wandb_artifact import log_export_artifact
+
+        meta = load_checkpoint(args.ckpt, mmap=True).get("wandb") or {}
+        ckpt = Path(args.ckpt).resolve()
+        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else out.resolve().parent
+        where = log_export_artifact(out, args.format, ckpt, meta, type(task).__name__, run_dir)
+        print(f"logged {out} as a W&B model artifact in {where}")
     return 0

@@ -23,7 +23,7 @@ FAST = [
 def fitted(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("tiny")
     args = ["fit", "--config", TINY, *FAST, "--trainer.max_steps=360", "--trainer.val_check_interval=120",
-            "--trainer.logger=CSVLogger", "--trainer.logger.init_args.save_dir=logs"]  # fmt: skip
+            "--config", str(ROOT / "configs" / "logger" / "csv.yaml")]  # fmt: skip
     result = run_cli(args, tmp, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp
@@ -31,16 +31,18 @@ def fitted(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_fit_raises_bleu(fitted):
-    (metrics,) = (fitted / "logs").glob("lightning_logs/version_0/metrics.csv")
+    (metrics,) = (fitted / "runs/translation-tiny").glob("version_0/metrics.csv")
     bleu = [float(r["val/bleu"]) for r in csv.DictReader(metrics.open()) if r.get("val/bleu")]
     assert len(bleu) == 3
     assert bleu[-1] > bleu[0] + 5, bleu
-    assert (fitted / "runs/translation-tiny/checkpoints/last.ckpt").is_file()
+    # The preset's header names `latest`: it points at the run directory of this fit.
+    assert (fitted / "runs/translation-tiny/latest").resolve() == (fitted / "runs/translation-tiny/version_0").resolve()
+    assert (fitted / "runs/translation-tiny/latest/checkpoints/last.ckpt").is_file()
 
 
 @pytest.mark.slow
 def test_translate_verb_needs_only_the_checkpoint(fitted, tmp_path):
-    ckpt = str(fitted / "runs/translation-tiny/checkpoints/last.ckpt")
+    ckpt = str(fitted / "runs/translation-tiny/latest/checkpoints/last.ckpt")
     lines = ["I counted seven birds.", "on May third, nineteen ninety-nine"]
     result = run_cli(["translate", "--ckpt", ckpt, *lines], tmp_path, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -53,7 +55,7 @@ def test_translate_verb_needs_only_the_checkpoint(fitted, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_validation_agrees_with_one_process(fitted):
-    ckpt = "runs/translation-tiny/checkpoints/last.ckpt"
+    ckpt = "runs/translation-tiny/latest/checkpoints/last.ckpt"
     scores = []
     for devices in ("1", "2"):
         extra = ["--trainer.strategy=ddp"] if devices == "2" else []
@@ -80,4 +82,4 @@ def test_ddp_fit_with_length_buckets(tmp_path):
             "--trainer.strategy=ddp"]  # fmt: skip
     result = run_cli(args, tmp_path, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "runs/translation-tiny/checkpoints/last.ckpt").is_file()
+    assert (tmp_path / "runs/translation-tiny/latest/checkpoints/last.ckpt").is_file()
