@@ -241,11 +241,14 @@ def is_user_error(e: BaseException) -> bool:
 
 
 def describe_error(e: BaseException) -> str:
-    from polyformer.callbacks.guards import is_out_of_memory, out_of_memory_hint
-
     hint = getattr(e, "polyformer_hint", None)  # set by the guards callback on out-of-memory errors in training
-    if hint is None and is_out_of_memory(e):
-        hint = out_of_memory_hint(None)
+    # Out of memory is a RuntimeError raised by torch: without torch loaded it cannot be one, and importing the
+    # guards (torch, Lightning) would add seconds to a one-line error of a light verb such as `report`.
+    if hint is None and isinstance(e, RuntimeError) and "torch" in sys.modules:
+        from polyformer.callbacks.guards import is_out_of_memory, out_of_memory_hint
+
+        if is_out_of_memory(e):
+            hint = out_of_memory_hint(None)
     return f"{hint} ({first_line(e)})" if hint else " ".join(str(e).split("\n")).strip()
 
 
