@@ -21,6 +21,7 @@ Run it:
     python -m polyformer.parity matrix --accelerator gpu --extra 16-mixed --out DIR  # 2 GPUs, fp16 added
     python -m polyformer.parity run --setting ddp --out parity-out            # one setting (what the matrix runs)
     python -m polyformer.parity compare --out parity-out                      # the table of what has run
+    python -m polyformer.parity matrix --tasks lm-muon --settings ddp fsdp --out DIR  # some cells only
 The test suite runs the CPU matrix (tests/scale/test_parity.py); scripts/parity.py runs it on GPUs.
 """
 
@@ -53,6 +54,7 @@ class TaskSpec:
     batch: int  # samples per micro-batch of the reference
     buckets: bool = False  # micro-batches are whole length buckets: the reference accumulates 2 of them
     workers: bool = False  # the data module loads in worker processes (num_workers)
+    optimizer_only: bool = False  # another optimizer for a task above: only the settings that change its inputs
 
 
 M, D = "--model.init_args", "--data.init_args"
@@ -62,6 +64,15 @@ TASKS: dict[str, TaskSpec] = {
         (f"{M}.backbone.width=32", f"{M}.backbone.depth=2", f"{M}.backbone.heads=2", f"{M}.backbone.max_len=32",
          f"{M}.backbone.dropout=0.0", f"{M}.samples.prompts=[]", f"{D}.block_size=32", f"{D}.bpe_vocab_size=512"),
         batch=8,
+    ),
+    # The LM again with Muon for its hidden matrices: the optimizer that must gather FSDP's shards of each matrix.
+    "lm-muon": TaskSpec(
+        "lm/tiny.yaml",
+        (f"{M}.backbone.width=32", f"{M}.backbone.depth=2", f"{M}.backbone.heads=2", f"{M}.backbone.max_len=32",
+         f"{M}.backbone.dropout=0.0", f"{M}.samples.prompts=[]", f"{D}.block_size=32", f"{D}.bpe_vocab_size=512",
+         f"{M}.optimizer.name=muon"),
+        batch=8,
+        optimizer_only=True,
     ),
     "translation": TaskSpec(
         "translation/tiny.yaml",
@@ -156,6 +167,8 @@ SETTINGS: dict[str, Setting] = {
         Setting("bf16-true", "bf16 weights and compute", BF16_TRUE, precision="bf16-true"),
     ]
 }  # fmt: skip
+# Where an optimizer sees other gradients, other parameter layouts or restored state than one process does.
+OPTIMIZER_SETTINGS = ("ddp", "fsdp", "accumulation", "resume")
 GPU_ONLY = {"16-mixed": Setting("16-mixed", "fp16 autocast + gradient scaling", BF16_MIXED, precision="16-mixed")}
 
 
@@ -168,6 +181,8 @@ def not_applicable(task: str, setting: Setting) -> str | None:
         return "translation's reference already accumulates 2 length buckets per step"
     if setting.workers and not spec.workers:
         return "this data module loads in-process (no worker processes)"
+    if spec.optimizer_only and setting.name not in (REFERENCE.name, *OPTIMIZER_SETTINGS):
+        return "the model's computation is the LM cell's; the optimizer's inputs are those of one process"
     return None
 
 
@@ -458,10 +473,14 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--steps", type=int, default=STEPS)
         p.add_argument("--accelerator", default="cpu")
         p.add_argument("--extra", nargs="*", default=[], choices=list(GPU_ONLY), help="GPU-only settings to add")
+        if name != "run":
+            p.add_argument("--settings", nargs="+", choices=list(SETTINGS), help="only these (default: all)")
         if name == "run":
             p.add_argument("--setting", required=True, choices=["reference", *SETTINGS, *GPU_ONLY])
     args = parser.parse_args(argv)
     settings = all_settings(args.extra)
+    if getattr(args, "settings", None):
+        settings = [s for s in settings if s.name in args.settings or s.name in args.extra]
     if args.command == "run":
         setting = {"reference": REFERENCE, **SETTINGS, **GPU_ONLY}[args.setting]
         run_setting(setting, args.out, args.tasks, args.accelerator, args.steps)
