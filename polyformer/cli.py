@@ -166,13 +166,16 @@ def make_cli_class() -> type:
 
 # Lightning's start-up lines that say nothing about this run (an advertisement, accelerators it does not use: the
 # run's own header names the device), and a deprecation inside Lightning that users cannot act on.
-_QUIET_PREFIXES = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:", "Seed set to")
+_QUIET_PREFIXES = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:", "Seed set to",
+                   "Loading `train_dataloader` to estimate")  # fmt: skip
+_QUIET_ENDINGS = ("` reached.",)  # "`Trainer.fit` stopped: `max_steps=600` reached.": the bar's last state says so
 _QUIET_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"\s*skip_none parameter was deprecated")
 
 
 class _QuietStartup(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).rpartition("] ")[2].startswith(_QUIET_PREFIXES)  # "[rank: 1] Seed set to 0"
+        text = str(record.msg).rpartition("] ")[2]  # "[rank: 1] Seed set to 0"
+        return not (text.startswith(_QUIET_PREFIXES) or text.endswith(_QUIET_ENDINGS))
 
 
 def quiet_startup() -> None:
