@@ -41,6 +41,10 @@ class TransformerConfig:
     # RMSNorm of each head's queries and keys before rotary and the dot product (Dehghani et al. 2023, OLMo 2):
     # bounds the attention logits, which otherwise grow with the weights and spike the loss at high lr.
     qk_norm: bool = False
+    # LayerScale (Touvron et al. 2021 "Going deeper with Image Transformers"; DeiT III): every residual branch times a
+    # learned per-channel gamma starting at this value, x + gamma * f(x), so a deep stack starts near the identity.
+    # DeiT III: 1e-4 for deep models, 0.1 for small ones. None = off (no parameters).
+    layer_scale: float | None = None
 
     def __post_init__(self) -> None:
         for name, kind in (("activation", Activation), ("norm", Norm), ("position", Position)):
@@ -66,6 +70,8 @@ class TransformerConfig:
             raise ValueError(f"TransformerConfig.mlp_ratio must be > 0, got {self.mlp_ratio}")
         if self.window is not None and self.window < 1:
             raise ValueError(f"TransformerConfig.window must be >= 1 or None, got {self.window}")
+        if self.layer_scale is not None and not self.layer_scale > 0:
+            raise ValueError(f"TransformerConfig.layer_scale must be > 0 or None, got {self.layer_scale}")
 
     @property
     def head_dim(self) -> int:

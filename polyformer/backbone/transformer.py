@@ -35,6 +35,9 @@ class Transformer(nn.Module):
         # Stochastic depth grows linearly with depth, as in DeiT: deeper blocks are dropped more often.
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, drop_path=r) for r in rates)
+        if cfg.layer_scale is not None:
+            for block in self.blocks:
+                add_layer_scale(block, cfg.width, cfg.layer_scale)
         self.norm = make_norm(cfg) if cfg.prenorm and cfg.final_norm else nn.Identity()
         init_weights(self, cfg.depth)
 
@@ -95,6 +98,34 @@ class Transformer(nn.Module):
         queries, width, depth = batch * length, self.cfg.width, self.cfg.depth
         pairs = queries * (length + (memory if self.cfg.cross_attention else 0))
         return 6.0 * (per_query * queries + per_key * batch * memory) + 12.0 * depth * width * pairs
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch's output (Touvron et al. 2021, CaiT; DeiT III): the block computes
+    x + gamma * f(x). `gamma` is a vector, so weight decay leaves it alone (matrices only)."""
+
+    def __init__(self, width: int, init: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((width,), init))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, D)
+        return x * self.gamma
+
+    def hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        return self(output)
+
+
+def add_layer_scale(block: Block, width: int, init: float) -> None:
+    """Scale each residual branch of `block` (attention, cross-attention, FFN) by its own LayerScale, named ls1,
+    ls_cross and ls2 as timm names them. A forward hook on the branch, not a new Block class: Block stays the one
+    class that FSDP wraps and activation checkpointing finds by type, and the branch's own keys do not move. The hook
+    is a bound method, so a deep copy of the block (EMA, a compiled copy) scales with its own copy of gamma.
+    Calling a branch (`block.attn(h)`) therefore returns its scaled output; `.forward` bypasses the hook."""
+    for name, branch in (("ls1", block.attn), ("ls_cross", block.cross_attn), ("ls2", block.mlp)):
+        if branch is not None:
+            scale = LayerScale(width, init)
+            block.add_module(name, scale)
+            branch.register_forward_hook(scale.hook)
 
 
 def weight_count(layer: nn.Linear | nn.Conv2d) -> int:
