@@ -99,7 +99,7 @@ class TokenLoss(Metric):
 
 
 class LanguageModel(TaskModule):
-    architecture_hparams = ("backbone", "vocab_size", "tie_embeddings")
+    architecture_hparams = ("backbone", "vocab_size", "tie_embeddings", "logit_softcap")
     size_arguments = ("vocab_size",)
 
     def __init__(
@@ -107,6 +107,7 @@ class LanguageModel(TaskModule):
         backbone: TransformerConfig = GPT_BACKBONE,
         vocab_size: int | None = None,  # linked from the data module's tokenizer
         tie_embeddings: bool = True,  # output head shares the token embedding matrix
+        logit_softcap: float | None = None,  # logits = c tanh(logits / c) (Gemma 2); None = uncapped (GPT-2)
         init_from: str | None = None,  # "hf:gpt2", "hf:gpt2-medium", "hf:<save_pretrained folder>" or a .ckpt
         samples: SamplingConfig | None = None,
         optimizer: OptimizerConfig | None = None,
@@ -118,6 +119,7 @@ class LanguageModel(TaskModule):
         check_decoder_only(backbone)
         self.save_hyperparameters()
         self.backbone_cfg, self.vocab_size, self.tie_embeddings = backbone, vocab_size, tie_embeddings
+        self.logit_softcap = logit_softcap
         self.samples = samples or SamplingConfig()
         self.tokenizer: Tokenizer | None = None  # from the data module, or from the checkpoint
         # Bytes each token stands for, (Vp,) int64, for bits per byte; zeros while no tokenizer is known (bare
@@ -129,7 +131,7 @@ class LanguageModel(TaskModule):
     # ---- building ---------------------------------------------------------------------------------------------
     def build_model(self) -> GPT:
         assert self.vocab_size is not None
-        model = GPT(GPTConfig(self.backbone_cfg, self.vocab_size, self.tie_embeddings))
+        model = GPT(GPTConfig(self.backbone_cfg, self.vocab_size, self.tie_embeddings, self.logit_softcap))
         self.token_bytes = self._token_bytes(model.cfg.padded_vocab_size)
         return model
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from polyformer.backbone import TransformerConfig
+from polyformer.checkpointing import check_compatible
 from polyformer.checkpointing.loading import load_task
 from polyformer.data.info import DataInfo
 from polyformer.data.text import TextDataModule
@@ -114,6 +115,26 @@ def test_training_lowers_the_loss_and_checkpoint_carries_tokenizer(data, tmp_pat
     torch.testing.assert_close(loaded(x), model.eval()(x))
     fine_tune = built(data, init_from=str(tmp_path / "lm.ckpt"))  # starts from the trained weights
     torch.testing.assert_close(fine_tune(x), model(x))
+
+
+def test_logit_softcap_bounds_the_logits_and_checkpoints_rebuild_it(data, tmp_path):
+    capped, plain = built(data, logit_softcap=0.1), built(data)  # same seed: the same weights; small at init
+    x = data.val_set[0][None, :-1]
+    with torch.no_grad():
+        logits, raw = capped(x), plain(x)
+    assert raw.abs().max() > 0.2  # the bound below is not met by accident
+    assert logits.abs().max() < 0.1
+    torch.testing.assert_close(logits, 0.1 * torch.tanh(raw / 0.1))
+    t = trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    t.fit(capped.train(), datamodule=data)
+    t.save_checkpoint(tmp_path / "capped.ckpt")
+    loaded = load_task(tmp_path / "capped.ckpt", expected=LanguageModel)
+    assert loaded.model.cfg.logit_softcap == 0.1
+    torch.testing.assert_close(loaded(x), capped.eval()(x))
+    # Resuming (`fit --ckpt_path`) with another cap is refused: it is part of the architecture.
+    checkpoint = torch.load(tmp_path / "capped.ckpt", weights_only=False)
+    with pytest.raises(ValueError, match="logit_softcap is 0.1 in the checkpoint but 0.2"):
+        check_compatible(built(data, logit_softcap=0.2), checkpoint)
 
 
 def test_untied_head_trains_both_matrices(data):
