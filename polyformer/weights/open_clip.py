@@ -363,6 +363,8 @@ def open_clip_export_problems(model: CLIP) -> list[str]:
             wrong.append(f"model.{tower}.backbone.final_norm=True (here {b.final_norm!r})")
         if b.window is not None:
             wrong.append(f"model.{tower}.backbone.window=None (here {b.window!r})")
+        if b.qk_norm:  # open_clip's attention has no query/key norms
+            wrong.append(f"model.{tower}.backbone.qk_norm=False (here {b.qk_norm!r})")
     image, text = cfg.image.backbone.activation, cfg.text.backbone.activation
     if (image == "quick_gelu") != (text == "quick_gelu"):  # open_clip's quick_gelu flag is for both towers
         wrong.append(f"model.image.backbone.activation and model.text.backbone.activation both 'quick_gelu' or both "

@@ -214,6 +214,8 @@ def timm_export_problems(model: ViT) -> list[str]:
         wrong.append(f"model.backbone.prenorm=True (here {b.prenorm!r})")  # post-LN blocks take a class, not JSON
     if b.window is not None:
         wrong.append(f"model.backbone.window=None (here {b.window!r})")
+    if b.qk_norm:  # timm norms q and k with the blocks' norm layer (a LayerNorm with a bias in our layout): not mapped
+        wrong.append(f"model.backbone.qk_norm=False (here {b.qk_norm!r})")
     return wrong
 
 

@@ -182,12 +182,12 @@ def test_timm_export_loads_in_timm_with_our_logits(tmp_path, backbone, rest):
 
 
 def test_timm_export_names_every_setting_timm_lacks(tmp_path):
-    model = vit(dict(norm_eps=1e-5, activation="swiglu", prenorm=False, kv_heads=1, window=4))
+    model = vit(dict(norm_eps=1e-5, activation="swiglu", prenorm=False, kv_heads=1, window=4, qk_norm=True))
     with pytest.raises(ValueError, match="cannot be exported as a timm VisionTransformer") as e:
         export_timm_vit(model, tmp_path / "out")
     for needed in ("model.backbone.kv_heads=None (here 1)", "(here 'swiglu')",
                    "model.backbone.norm_eps=1e-06 (here 1e-05)", "model.backbone.prenorm=True (here False)",
-                   "model.backbone.window=None (here 4)"):  # fmt: skip
+                   "model.backbone.window=None (here 4)", "model.backbone.qk_norm=False (here True)"):  # fmt: skip
         assert needed in str(e.value)
     with pytest.raises(ValueError, match=r"model.norm_pre=False or model.backbone.norm='layernorm'"):
         export_timm_vit(vit(dict(norm="rmsnorm"), norm_pre=True), tmp_path / "out")
@@ -255,14 +255,14 @@ def test_open_clip_export_loads_in_open_clip_with_our_embeddings(tmp_path, image
 
 
 def test_open_clip_export_names_every_setting_open_clip_lacks(tmp_path):
-    model = clip(dict(activation="quick_gelu", norm="rmsnorm", final_norm=False), dict(activation="relu", kv_heads=1),
-                 pool="avg", channels=1)  # fmt: skip
+    model = clip(dict(activation="quick_gelu", norm="rmsnorm", final_norm=False, qk_norm=True),
+                 dict(activation="relu", kv_heads=1), pool="avg", channels=1)  # fmt: skip
     with pytest.raises(ValueError, match="cannot be exported as an open_clip CLIP") as e:
         export_open_clip(model, tmp_path / "out")
     for needed in ("model.image.backbone.norm='layernorm' (here 'rmsnorm')", "model.image.backbone.final_norm=True",
                    "model.text.backbone.kv_heads=None (here 1)", "model.text.backbone.activation in", "(here 'relu')",
                    "both 'quick_gelu' or both GELU (here 'quick_gelu', 'relu')", "model.image.pool='cls' (here 'avg')",
-                   "model.image.channels=3 (here 1)"):  # fmt: skip
+                   "model.image.channels=3 (here 1)", "model.image.backbone.qk_norm=False (here True)"):  # fmt: skip
         assert needed in str(e.value)
     assert not (tmp_path / "out").exists()
 
