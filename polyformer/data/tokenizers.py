@@ -149,6 +149,28 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
     return Tokenizer(inner)
 
 
+def sentinel(i: int) -> str:
+    """T5's i-th sentinel token (Raffel et al. 2020): marks the i-th dropped span in span corruption."""
+    return f"<extra_id_{i}>"
+
+
+def with_sentinels(tokenizer: Tokenizer, count: int) -> Tokenizer:
+    """A copy of `tokenizer` with `count` sentinel specials added (those it already has are kept, so adding them to
+    a tokenizer that has them changes nothing and ids stay stable)."""
+    inner = tokenizers.Tokenizer.from_str(tokenizer.to_json())
+    inner.add_special_tokens([sentinel(i) for i in range(count)])
+    return Tokenizer(inner)
+
+
+def sentinel_ids(tokenizer: Tokenizer) -> list[int]:
+    """Ids of <extra_id_0>, <extra_id_1>, ... in order, as many as the tokenizer has."""
+    vocab = tokenizer.inner.get_vocab(with_added_tokens=True)
+    ids: list[int] = []
+    while sentinel(len(ids)) in vocab:
+        ids.append(vocab[sentinel(len(ids))])
+    return ids
+
+
 def pretrained(name_or_path: str) -> Tokenizer:
     """A `tokenizer.json` file, a folder holding one, or a hub repository name (downloaded once, then cached)."""
     path = Path(name_or_path).expanduser()
