@@ -4,7 +4,8 @@
 - `path/to/file.ckpt`: a polyformer checkpoint (any task whose model has the same architecture);
 - `path/to/model.safetensors`: a polyformer export (`polyformer export --format safetensors`, `weights/native.py`),
   checked against the `config.json` beside it;
-- `hf:<hub name | save_pretrained folder>`: transformers weights (GPT-2 into a `GPT`, `CLIPModel` into a `CLIP`);
+- `hf:<hub name | save_pretrained folder>`: transformers weights (GPT-2 into a `GPT`, `CLIPModel` into a `CLIP`,
+  BERT into `BertForMaskedLM` / `BertForSequenceClassification`);
 - `timm:<model name>[@<weights file>]`: a timm VisionTransformer into a `ViT`;
 - `open_clip:<model name>@<pretrained tag | weights file>`: an open_clip CLIP into a `CLIP` (the `@` part is required:
   without it open_clip would build random weights).
@@ -28,6 +29,8 @@ SCHEMES = ("hf", "timm", "open_clip")
 _LOADERS = {
     ("hf", "GPT"): "polyformer.weights.gpt2:load_hf_gpt2",
     ("hf", "CLIP"): "polyformer.weights.open_clip:load_hf_clip",
+    ("hf", "BertForMaskedLM"): "polyformer.weights.bert:load_hf_bert",
+    ("hf", "BertForSequenceClassification"): "polyformer.weights.bert:load_hf_bert",
     ("open_clip", "CLIP"): "polyformer.weights.open_clip:load_open_clip",
     ("timm", "ViT"): "polyformer.weights.timm_vit:load_timm_vit",
 }

@@ -38,7 +38,7 @@ EXPORTERS: dict[tuple[str, str], str] = {
     **{("onnx", name): "polyformer.weights.onnx:export_onnx" for name in ("GPT", "ViT", "CLIP", "EncoderDecoder")},
     **{
         ("safetensors", name): "polyformer.weights.native:export_safetensors"
-        for name in ("GPT", "ViT", "CLIP", "EncoderDecoder")
+        for name in ("GPT", "ViT", "CLIP", "EncoderDecoder", "BertForMaskedLM", "BertForSequenceClassification")
     },
 }
 FORMATS = tuple(dict.fromkeys(fmt for fmt, _ in EXPORTERS))
