@@ -3,7 +3,10 @@ and a text tower from the shared backbone, each projected into one embedding spa
 
 Image tower: the ViT of image classification (`ImageTower`), class-token pooled. Text tower: the backbone with a
 causal mask, learned positions and the final norm, pooled at the end-of-text token. The logit scale starts at
-`init_logit_scale` (the paper: 1/0.07) and is capped at `max_logit_scale` (100, section 2.5).
+`init_logit_scale` (the paper: 1/0.07) and is capped at `max_logit_scale` (100, section 2.5). With `loss="siglip"`
+(Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training") the model also learns a logit bias b, starting at
+`init_logit_bias` (-10: the paper's start, against the heavy imbalance of one positive per N - 1 negatives), and a
+pair's logit is t * cos + b.
 
 Plain PyTorch: `polyformer.tasks.contrastive.CLIP` trains it (the contrastive loss gathered across ranks, zero-shot
 and retrieval evaluation, the in-place clamp of the logit scale after each optimizer step);
@@ -83,8 +86,12 @@ class CLIPConfig:
     eos_id: int  # the text tower pools at the last occurrence of this token
     init_logit_scale: float = 1 / 0.07
     max_logit_scale: float = 100.0
+    loss: Literal["clip", "siglip"] = "clip"  # siglip: sigmoid per pair, with a learned logit bias
+    init_logit_bias: float = -10.0  # siglip only
 
     def __post_init__(self) -> None:
+        if self.loss not in ("clip", "siglip"):
+            raise ValueError(f"model.loss must be 'clip' or 'siglip', got {self.loss!r}")
         for name in ("embed_dim", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
@@ -152,6 +159,8 @@ class CLIP(nn.Module):
         clip_init(self)
         # Shape (1,), not a scalar: FSDP cannot shard 0-d parameters ("FSDP doesn't support scalar parameters").
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(cfg.init_logit_scale)))
+        # SigLIP's bias b: a parameter only where the loss uses it, so CLIP's state dict is unchanged.
+        self.logit_bias = nn.Parameter(torch.full((1,), cfg.init_logit_bias)) if cfg.loss == "siglip" else None
 
     def encode_image(self, images: Tensor) -> Tensor:  # (B, C, H, W) -> (B, E), unit norm
         return F.normalize(self.image_proj(self.image(images)), dim=-1)
@@ -169,14 +178,20 @@ class CLIP(nn.Module):
         capped = log_scale.clamp(max=math.log(self.cfg.max_logit_scale))
         return (log_scale + (capped - log_scale).detach()).exp().squeeze(0)  # () scalar
 
+    def bias(self) -> Tensor:
+        """The pair logits' bias as a () scalar: SigLIP's learned b, 0 for CLIP (whose softmax ignores a shift)."""
+        if self.logit_bias is None:
+            return self.logit_scale.new_zeros(())
+        return self.logit_bias.squeeze(0)
+
     def forward(self, images: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(image embeddings (B, E), text embeddings (B', E), scale ()): what the contrastive loss takes."""
         return self.encode_image(images), self.encode_text(tokens), self.scale()
 
     def similarity(self, images: Tensor, tokens: Tensor) -> Tensor:
-        """Scaled cosine similarities (B images, B' texts), as the loss sees them."""
+        """Pair logits (B images, B' texts) as the loss sees them: t * cos (+ b for SigLIP)."""
         image, text, scale = self(images, tokens)
-        return scale * image @ text.T
+        return scale * image @ text.T + self.bias()
 
     def training_flops(self, images: Tensor, tokens: Tensor) -> float:
         """Forward + backward FLOPs on a batch shaped like `images` and `tokens`: both towers', and 6 per projection

@@ -1,7 +1,10 @@
 """CLIP (Radford et al. 2021): the task around `polyformer.models.clip.CLIP` (an image tower and a text tower from the
 shared backbone, projected into one space, with a learned temperature), trained with a symmetric contrastive loss
-gathered across ranks; evaluated zero-shot (class names x prompt templates, open_clip's `build_zero_shot_classifier`
-recipe) and by image<->text retrieval recall@K.
+gathered across ranks, or with SigLIP's pairwise sigmoid loss and a learned logit bias (`loss="siglip"`, Zhai et al.
+2023); evaluated zero-shot (class names x prompt templates, open_clip's `build_zero_shot_classifier` recipe) and by
+image<->text retrieval recall@K. SigLIP keeps that evaluation: a sigmoid is monotone in the logit, so the ranking of
+classes and captions is the same; `score` gives each image-text pair its sigmoid match probability (what that loss
+trains), `score_classes` a softmax over the classes for both losses.
 
 The network is held as `self.model`; its first weights may come from open_clip (`init_from="open_clip:<name>[@<tag
 or file>]"`) or Hugging Face (`init_from="hf:<name or folder>"`, `polyformer.weights.open_clip`) or a polyformer
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +33,13 @@ from polyformer.data.tokenizers import Tokenizer, decode_rows
 from polyformer.models.clip import CLIP as CLIPModel
 from polyformer.models.clip import CLIPConfig, ImageEncoderConfig, TextEncoderConfig, check_logit_scale
 from polyformer.tasks.base import OptimizerConfig, TaskModule
-from polyformer.tasks.contrastive_loss import contrastive_loss, gather_uneven, retrieval_recall, topk_hits
+from polyformer.tasks.contrastive_loss import (
+    contrastive_loss,
+    gather_uneven,
+    retrieval_recall,
+    sigmoid_loss,
+    topk_hits,
+)
 from polyformer.tasks.media import Heatmap, Media, MediaRequest, Scalars, Table, tower_overlay
 
 __all__ = ["CLIP", "ImageEncoderConfig", "Retrieval", "TextEncoderConfig"]
@@ -45,7 +54,7 @@ class Retrieval(NamedTuple):
 
 
 class CLIP(TaskModule):
-    architecture_hparams = ("image", "text", "embed_dim", "vocab_size")
+    architecture_hparams = ("image", "text", "embed_dim", "vocab_size", "loss")
     size_arguments = ("vocab_size", "eos_id")
 
     def __init__(
@@ -55,8 +64,10 @@ class CLIP(TaskModule):
         embed_dim: int = 512,
         vocab_size: int | None = None,  # linked from the data's tokenizer
         eos_id: int | None = None,  # linked from the data's tokenizer; the text tower pools here
-        init_logit_scale: float = 1 / 0.07,
+        loss: Literal["clip", "siglip"] = "clip",  # siglip: sigmoid per pair (Zhai et al. 2023), texts gathered only
+        init_logit_scale: float | None = None,  # None: 1/0.07 for clip (Radford et al.), 10 for siglip (Zhai et al.)
         max_logit_scale: float = 100.0,
+        init_logit_bias: float = -10.0,  # siglip's b at the start (the paper's)
         retrieval_ks: tuple[int, ...] = (1, 5, 10),
         optimizer: OptimizerConfig | None = None,
         compile: bool = False,
@@ -64,6 +75,10 @@ class CLIP(TaskModule):
         init_from: str | None = None,  # "open_clip:ViT-B-32@openai", "hf:openai/clip-vit-base-patch32", a .ckpt
     ) -> None:
         super().__init__(optimizer, compile, activation_checkpointing, init_from)
+        if loss not in ("clip", "siglip"):
+            raise ValueError(f"model.loss must be 'clip' or 'siglip', got {loss!r}")
+        if init_logit_scale is None:
+            init_logit_scale = 10.0 if loss == "siglip" else 1 / 0.07
         # CLIPConfig checks this too; here a wrong preset fails at once, before the data module prepares its data.
         check_logit_scale(init_logit_scale, max_logit_scale)
         if not retrieval_ks or min(retrieval_ks) < 1:
@@ -72,6 +87,7 @@ class CLIP(TaskModule):
         self.image_cfg, self.text_cfg = image or ImageEncoderConfig(), text or TextEncoderConfig()
         self.embed_dim, self.vocab_size, self.eos_id = embed_dim, vocab_size, eos_id
         self.init_logit_scale, self.max_logit_scale, self.retrieval_ks = init_logit_scale, max_logit_scale, retrieval_ks
+        self.loss, self.init_logit_bias = loss, init_logit_bias
         # From the data module (connect_data) or a checkpoint, for zero-shot and the `score` verb.
         self.tokenizer: Tokenizer | None = None
         self.class_names: list[str] | None = None
@@ -109,7 +125,7 @@ class CLIP(TaskModule):
         assert self.vocab_size is not None and self.eos_id is not None
         cfg = CLIPConfig(
             self.image_cfg, self.text_cfg, self.embed_dim, self.vocab_size, self.eos_id, self.init_logit_scale,
-            self.max_logit_scale,
+            self.max_logit_scale, self.loss, self.init_logit_bias,
         )  # fmt: skip
         return CLIPModel(cfg)
 
@@ -124,9 +140,10 @@ class CLIP(TaskModule):
 
     @torch.no_grad()
     def score(self, images: Tensor, texts: list[str]) -> Tensor:
-        """Probabilities (B, len(texts)) that each preprocessed image matches each text: softmax over the texts."""
-        tokens = self._tokenize(texts)
-        return self.model.similarity(images.to(self.device), tokens).softmax(dim=-1)
+        """Probabilities (B, len(texts)) that each preprocessed image matches each text: softmax over the texts
+        (CLIP), or each pair's own sigmoid (SigLIP: what its loss trains; rows need not sum to 1)."""
+        logits = self.model.similarity(images.to(self.device), self._tokenize(texts))
+        return logits.sigmoid() if self.loss == "siglip" else logits.softmax(dim=-1)
 
     @torch.no_grad()
     def score_classes(self, images: Tensor) -> Tensor:
@@ -149,11 +166,19 @@ class CLIP(TaskModule):
     def training_flops(self, batch: dict[str, Tensor]) -> float:
         return self.model.training_flops(batch["image"], batch["text"])
 
+    def objective(self, image: Tensor, text: Tensor, scale: Tensor) -> Tensor:
+        """This rank's loss against the global batch; its mean over ranks is the 1-process loss."""
+        if self.loss == "siglip":
+            return sigmoid_loss(image, text, scale, self.model.bias())
+        return contrastive_loss(image, text, scale)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         image, text, scale = self.model(batch["image"], batch["text"])
-        loss = contrastive_loss(image, text, scale)
+        loss = self.objective(image, text, scale)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # mean over ranks = the global-batch loss
         self.log("train/logit_scale", scale.detach())
+        if self.loss == "siglip":
+            self.log("train/logit_bias", self.model.bias().detach())
         return loss
 
     def optimizer_step(
@@ -177,8 +202,13 @@ class CLIP(TaskModule):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, prefix: str = "val") -> None:
         image, text, scale = self.model(batch["image"], batch["text"])
-        in_batch = F.cross_entropy(scale * image @ text.T, torch.arange(len(image), device=self.device))
-        self.log(f"{prefix}/loss", in_batch, sync_dist=True)  # image->text within each evaluation batch
+        if self.loss == "siglip":  # the training loss within each evaluation batch (no gather: batches may differ)
+            logits = scale * image @ text.T + self.model.bias()
+            labels = 2 * torch.eye(len(image), device=self.device, dtype=logits.dtype) - 1
+            in_batch = -F.logsigmoid(labels * logits).sum() / len(image)
+        else:  # image->text within each evaluation batch
+            in_batch = F.cross_entropy(scale * image @ text.T, torch.arange(len(image), device=self.device))
+        self.log(f"{prefix}/loss", in_batch, sync_dist=True)
         for key, value in (("image", image), ("text", text), ("tokens", batch["text"]), ("label", batch["label"])):
             self._eval[key].append(value)
         if prefix == "val" and batch_idx == 0:

@@ -1,6 +1,6 @@
-"""The contrastive objective of CLIP (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
-Supervision", Figure 3: symmetric cross-entropy over the image-text similarity matrix) and its evaluation, both
-correct across DDP ranks.
+"""The contrastive objectives of CLIP (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
+Supervision", Figure 3: symmetric cross-entropy over the image-text similarity matrix) and SigLIP (Zhai et al. 2023:
+a sigmoid per image-text pair) and their evaluation, all correct across DDP ranks.
 
 Loss under DDP. Every rank gathers the embeddings of all ranks *with gradients* and computes the loss of its own B
 rows against the global batch of N = W * B: l_r. The global loss is L = mean_r l_r (what `sync_dist` logs), equal to
@@ -8,8 +8,8 @@ the loss of one process on the whole batch. In backward, each rank's l_r sends g
 gather's backward sums them (all-reduce), so rank r holds W * dL/df_r, and DDP's gradient *average* divides the W
 back out: parameter gradients equal the single-process ones. Without the gradient (open_clip's default
 `gather_with_grad=False`), or with a backward that keeps only the local slice, the tower gradients come out W times
-too small relative to the temperature's. `tests/tasks/test_contrastive_ddp.py` checks loss and gradients with 2
-processes against 1.
+too small relative to the temperature's. The sigmoid loss gathers only the texts, by the same argument.
+`tests/tasks/test_contrastive_ddp.py` checks both losses and their gradients with 2 processes against 1.
 
 Evaluation gathers the embeddings of the whole evaluation set (ranks may hold different counts) and computes the
 same numbers on every rank.
@@ -65,6 +65,27 @@ def contrastive_loss(image: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor
     logits_per_image = logit_scale * image @ all_text.T  # (B, N)
     logits_per_text = logit_scale * text @ all_image.T  # (B, N)
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def sigmoid_loss(image: Tensor, text: Tensor, logit_scale: Tensor, logit_bias: Tensor) -> Tensor:
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training", algorithm 1)
+    of this rank's images against the texts of the global batch.
+
+    Every (image i, text j) pair is a binary problem with logit z_ij = t * <x_i, y_j> + b and label l_ij = +1 for a
+    pair, -1 otherwise; the loss is -1/N sum_ij log sigmoid(l_ij * z_ij), i.e. summed over texts, averaged over
+    images. No softmax normalises over the batch, so only the texts are gathered (with gradients: see the module
+    docstring; the images stay local) and each rank computes its (B, N) block of the N x N matrix; the mean over ranks
+    of these losses is the 1-process loss on the global batch. The paper exchanges text chunks between neighbouring
+    devices instead, which never holds all N texts at once; at our scale one all-gather of (N, E) is the simpler
+    equal. image, text: (B, E) unit-norm; logit_scale t and logit_bias b: () scalars.
+    """
+    B = image.shape[0]
+    rank = world_and_rank()[1]
+    all_text = gather_with_grad(text)  # (N, E)
+    logits = logit_scale * image @ all_text.T + logit_bias  # (B, N)
+    labels = -torch.ones_like(logits)
+    labels[:, rank * B : (rank + 1) * B].fill_diagonal_(1.0)  # our pairs' columns in the global batch
+    return -F.logsigmoid(labels * logits).sum() / B
 
 
 @torch.no_grad()

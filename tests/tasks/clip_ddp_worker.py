@@ -18,20 +18,21 @@ from polyformer.backbone import TransformerConfig
 from polyformer.data.image_text import tokenize
 from polyformer.data.tokenizers import byte_level
 from polyformer.tasks.contrastive import CLIP, ImageEncoderConfig, TextEncoderConfig
-from polyformer.tasks.contrastive_loss import contrastive_loss
 
 TRAIN_BATCH, EVAL_SIZE = 8, 7
 CLASSES = ["zero", "one", "two"]
 
 
-def make_model() -> CLIP:
+def make_model(loss: str = "clip") -> CLIP:
     torch.manual_seed(0)
     image = ImageEncoderConfig(TransformerConfig(width=16, depth=1, heads=2, dropout=0.0, position="none"), 8, 4, 1)
     text = TextEncoderConfig(
         TransformerConfig(width=16, depth=1, heads=2, dropout=0.0, position="learned", max_len=12, causal=True)
     )
     tok = byte_level()
-    model = CLIP(image=image, text=text, embed_dim=8, vocab_size=tok.vocab_size, eos_id=tok.eos_id)
+    # SigLIP with bias 0: at its -10 start every pair's sigmoid is saturated and the gradients are all tiny.
+    kw = {"loss": "siglip", "init_logit_bias": 0.0} if loss == "siglip" else {}
+    model = CLIP(image=image, text=text, embed_dim=8, vocab_size=tok.vocab_size, eos_id=tok.eos_id, **kw)
     model.configure_model()
     model.tokenizer, model.class_names, model.prompts = tok, CLASSES, ["{}", "a {}"]
     return model.double()
@@ -47,10 +48,10 @@ def make_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def loss_and_grads(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> dict:
-    image, text, scale = model(images, tokens)
-    loss = contrastive_loss(image, text, scale)
-    loss.backward()
     inner = model.module if isinstance(model, DistributedDataParallel) else model
+    image, text, scale = model(images, tokens)
+    loss = inner.objective(image, text, scale)  # the task's own: contrastive_loss, or sigmoid_loss with its bias
+    loss.backward()
     return {"loss": loss.detach(), "grads": {n: p.grad.clone() for n, p in inner.named_parameters()}}
 
 
@@ -61,10 +62,10 @@ def evaluate(model: CLIP, images: torch.Tensor, tokens: torch.Tensor, labels: to
     return model.evaluate("val")
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, loss: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = make_model()
+    model = make_model(loss)
     images, tokens, _ = make_data(TRAIN_BATCH, seed=1)
     rows = slice(rank * TRAIN_BATCH // world, (rank + 1) * TRAIN_BATCH // world)
     result = loss_and_grads(DistributedDataParallel(model), images[rows], tokens[rows])
@@ -76,4 +77,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "clip")

@@ -1,5 +1,5 @@
-"""CLIP under DDP: 2 gloo processes on CPU give the single-process loss and gradients on the concatenated batch, and
-the same zero-shot and retrieval metrics over an evaluation set split unevenly across the ranks."""
+"""CLIP under DDP: 2 gloo processes on CPU give the single-process loss and gradients on the concatenated batch (with
+the contrastive loss and with SigLIP's sigmoid loss, whose bias must get the same gradient too), and the same zero-shot and retrieval metrics over an evaluation set split unevenly across the ranks."""
 
 import importlib.util
 import os
@@ -28,12 +28,13 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow  # two processes importing torch: ~15 s idle, more on a busy machine
-def test_two_process_loss_gradients_and_metrics_equal_one_process(tmp_path):
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_two_process_loss_gradients_and_metrics_equal_one_process(tmp_path, loss):
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
     env["OMP_NUM_THREADS"] = "1"
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(tmp_path)],
+            [sys.executable, str(WORKER), str(tmp_path), loss],
             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -45,7 +46,7 @@ def test_two_process_loss_gradients_and_metrics_equal_one_process(tmp_path):
     assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
 
     w = _load_worker()
-    model = w.make_model()
+    model = w.make_model(loss)
     images, tokens, _ = w.make_data(w.TRAIN_BATCH, seed=1)
     ref = w.loss_and_grads(model, images, tokens)
     e_images, e_tokens, e_labels = w.make_data(w.EVAL_SIZE, seed=2)
