@@ -145,13 +145,13 @@ def make_cli_class() -> type:
             from lightning.pytorch.callbacks import ProgressBar
 
             from polyformer.callbacks.progress import StepProgressBar
-            from polyformer.loggers import TensorBoardLogger
+            from polyformer.loggers import TensorBoard
 
             config = self._get(self.config_init, "trainer", default={})
             # Merged here, not via trainer_defaults: a preset setting trainer.plugins would replace a default.
             kwargs["plugins"] = with_atomic_checkpoint_io(kwargs.get("plugins", config.get("plugins")))
             if config.get("logger") in (None, True):  # Lightning's default, but in the run directory
-                kwargs["logger"] = TensorBoardLogger()
+                kwargs["logger"] = TensorBoard()
             if config.get("enable_model_summary") is None:  # RunSummary prints the size (tied weights once)
                 kwargs["enable_model_summary"] = False
             given = config.get("callbacks") or []

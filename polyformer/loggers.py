@@ -2,9 +2,10 @@
 runs across resumes.
 
 Every run writes into one directory, `<trainer.default_root_dir>/version_N` (`polyformer.callbacks.run_directory`):
-the loggers here leave `save_dir` unset (None) and are placed there when training sets up. `TensorBoardLogger` and
-`CSVLogger` are Lightning's with that default and no experiment-name level (`name=""`); given a `save_dir`, they
-behave exactly as Lightning's.
+the loggers here leave `save_dir` unset (None) and are placed there when training sets up. `TensorBoard` and `CSV`
+are Lightning's `TensorBoardLogger` and `CSVLogger` with that default and no experiment-name level (`name=""`); given
+a `save_dir`, they behave exactly as Lightning's. (Other names than Lightning's: `--trainer.logger=CSVLogger` must
+keep naming one class.)
 
 `WandbLogger` is Lightning's logger with three changes:
 - with no W&B credentials (no `WANDB_API_KEY`, identity token or netrc entry) and no `WANDB_MODE`, the run goes
@@ -68,7 +69,7 @@ class _Unplaced:
     Used for anything else, it places the logger in the working directory (Lightning's own default root): a Trainer
     built without the CLI's `RunDirectory` callback still logs."""
 
-    def __init__(self, logger: TensorBoardLogger | CSVLogger) -> None:
+    def __init__(self, logger: TensorBoard | CSV) -> None:
         self._logger = logger
 
     def __getattr__(self, name: str) -> Any:
@@ -76,7 +77,7 @@ class _Unplaced:
         return getattr(self._logger.experiment, name)
 
 
-class TensorBoardLogger(LightningTensorBoardLogger):
+class TensorBoard(LightningTensorBoardLogger):
     """Lightning's TensorBoard logger, by default in the run directory (`<default_root_dir>/version_N`).
 
     Args:
@@ -115,8 +116,8 @@ class TensorBoardLogger(LightningTensorBoardLogger):
         return LightningTensorBoardLogger.experiment.fget(self)  # type: ignore[attr-defined]
 
 
-class CSVLogger(LightningCSVLogger):
-    """Lightning's CSV logger (`metrics.csv`, `hparams.yaml`), by default in the run directory; see TensorBoardLogger.
+class CSV(LightningCSVLogger):
+    """Lightning's CSV logger (`metrics.csv`, `hparams.yaml`), by default in the run directory; see TensorBoard.
 
     Args:
         save_dir: None = `trainer.default_root_dir`, resolved when training sets up; a path = Lightning's behaviour.

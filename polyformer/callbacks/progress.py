@@ -218,6 +218,10 @@ class StepProgressBar(ProgressBar):
         self._window_start, self._units = time.perf_counter(), 0  # throughput of training alone
         if self._fit_task is not None and self._progress is not None:  # show the new val metrics at once
             self._progress.update(self._fit_task, info=self._metrics(trainer, pl_module))
+        elif self.is_enabled and not self.interactive and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            # A log file gets the validation's metrics as a line of their own: the last step's line came before them.
+            metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if not k.startswith("train/")}
+            print(f"validation at step {trainer.global_step:,} · {metric_text(metrics)}", flush=True)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._eval_start(trainer, "test", sum(trainer.num_test_batches))

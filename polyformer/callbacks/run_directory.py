@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers import TensorBoardLogger as LightningTensorBoardLogger
 
-from polyformer.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from polyformer.loggers import CSV, TensorBoard, WandbLogger
 
 LATEST = "latest"
 
@@ -70,14 +70,14 @@ class RunDirectory(pl.Callback):
         root = Path(trainer.default_root_dir)
         loggers = trainer.loggers
         first = loggers[0] if loggers else None
-        if isinstance(first, (TensorBoardLogger, CSVLogger)) and not first.placed:
+        if isinstance(first, (TensorBoard, CSV)) and not first.placed:
             first.place(root)
         if isinstance(first, (LightningTensorBoardLogger, LightningCSVLogger)):
             run_dir = Path(trainer.log_dir or root)  # Lightning numbers it on rank 0 and broadcasts it
         else:
             run_dir = Path(trainer.strategy.broadcast(str(next_run_dir(root)) if trainer.is_global_zero else None))
         for lg in loggers:
-            if isinstance(lg, (TensorBoardLogger, CSVLogger)) and not lg.placed:
+            if isinstance(lg, (TensorBoard, CSV)) and not lg.placed:
                 lg.place(run_dir.parent, run_dir.name)  # the same version_N as the first logger
             elif isinstance(lg, WandbLogger) and not lg.placed:
                 lg.place(run_dir)

@@ -73,7 +73,9 @@ def test_fit_prints_the_header_a_step_bar_and_writes_one_run_directory(tmp_path,
     # Not a terminal: plain progress lines in optimizer steps, with the run's total, throughput and the task's metrics.
     steps = re.findall(r"^step (\d)/4 .*tok/s.*train/loss", first.stdout, flags=re.M)
     assert steps and steps[-1] == "4", first.stdout
-    assert "val/loss" in first.stdout and "Run summary:" in first.stdout
+    assert "Run summary:" in first.stdout
+    # and each validation's metrics on a line of their own (the last one comes after the last step's line)
+    assert re.findall(r"^validation at step (\d) · val/loss [\d.]+", first.stdout, flags=re.M) == ["2", "4"]
 
     second = fit(tmp_path, cache)
     assert "run directory: runs/lm-tiny/version_1" in second.stdout

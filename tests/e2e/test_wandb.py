@@ -53,7 +53,8 @@ def test_offline_run_without_credentials_then_resume_continues_it(tmp_path, no_c
         os.close(follower)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "API key" not in first.stdout + first.stderr
-    (run_dir,) = offline_runs(tmp_path / "logs")
+    runs = tmp_path / "runs" / "clip-digits"  # the preset's default_root_dir: one run directory per fit
+    (run_dir,) = offline_runs(runs / "version_0")
     # said exactly once, with the folder and the command to upload it
     message = f"upload it with: wandb sync {run_dir.resolve()}"
     assert first.stderr.count(message) == 1, first.stderr[-3000:]
@@ -66,7 +67,7 @@ def test_offline_run_without_credentials_then_resume_continues_it(tmp_path, no_c
     assert [s for s, _ in run.values("train/loss")] == [0, 1]
     assert [s for s, _ in run.values("val/zero_shot_top1")] == [1]  # after step 2 = global_step 2 - 1 logged
     for kind, key in [("images", "media/similarity"), ("table", "media/zero_shot_per_class"),
-                      ("table", "media/retrieval"), ("images", "media/attention/image.encoder/attn"),
+                      ("table", "media/retrieval"), ("images", "media/attention_overlay"),
                       ("images", "media/attention/text.encoder/attn")]:  # fmt: skip
         assert run.media(kind, key), key
     per_class = json.loads(run.media("table", "media/zero_shot_per_class")[0].read_text())
@@ -76,22 +77,22 @@ def test_offline_run_without_credentials_then_resume_continues_it(tmp_path, no_c
     assert run.config["trainer"]["logger"]["init_args"]["tags"] == ["test"]
     assert run.config["data"]["init_args"]["source"] == "digits"
 
-    ckpt_path = tmp_path / "logs" / "polyformer" / run.id / "checkpoints" / "last.ckpt"
+    ckpt_path = runs / "version_0" / "checkpoints" / "last.ckpt"
     ckpt = torch.load(ckpt_path, weights_only=True)  # plain values only
     assert ckpt["wandb"]["run_id"] == run.id
     assert ckpt["config"]["model"]["init_args"]["embed_dim"] == 64
 
     second = clip_fit(tmp_path, 4, f"--ckpt_path={ckpt_path}")
     assert second.returncode == 0, second.stderr[-3000:]
-    runs = offline_runs(tmp_path / "logs")
-    assert len(runs) == 2
-    resumed = read_run(next(r for r in runs if r != run_dir))
+    (resumed_dir,) = offline_runs(runs / "version_1")  # the resumed fit has a run directory of its own
+    resumed = read_run(resumed_dir)
     assert resumed.id == run.id  # the same W&B run continues (wandb sync merges both folders into it)
     assert [s for s, _ in resumed.values("train/loss")] == [2, 3]
-    assert sorted(p.name for p in (tmp_path / "logs" / "polyformer" / run.id / "checkpoints").glob("*.ckpt")) == [
-        "epoch=0-step=4.ckpt",  # written by the resumed run, beside the first run's (the preset keeps the newest)
+    assert sorted(p.name for p in (runs / "version_1" / "checkpoints").glob("*.ckpt")) == [
+        "epoch=0-step=4.ckpt",
         "last.ckpt",
     ]
+    assert (runs / "latest").resolve() == (runs / "version_1").resolve()
 
 
 def test_wandb_disabled_writes_nothing(tmp_path, no_credentials, monkeypatch, capfd):
@@ -120,7 +121,7 @@ def test_ddp_two_ranks_one_run_media_from_rank_zero(tmp_path, no_credentials):
     """Two CPU ranks: one W&B run, media logged once, no hang from rank-0-only work."""
     result = clip_fit(tmp_path, 2, "--trainer.strategy=ddp", "--trainer.devices=2")
     assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = offline_runs(tmp_path / "logs")
+    (run_dir,) = offline_runs(tmp_path / "runs" / "clip-digits" / "version_0")  # one directory for both ranks
     assert result.stderr.count("no W&B credentials found") == 1
     run = read_run(run_dir)
     assert [s for s, _ in run.values("train/loss")] == [0, 1]
@@ -178,12 +179,11 @@ def test_requeued_job_continues_the_run_of_its_hpc_checkpoint(tmp_path, monkeypa
     assert [s for s, _ in read_run(offline_runs(tmp_path)[-1]).values("train/loss")] == [1]
 
 
-def test_offline_drops_log_model_with_a_warning(monkeypatch):
+def test_offline_keeps_log_model_for_wandb_sync(recwarn):
     from polyformer.loggers import WandbLogger
 
-    with pytest.warns(UserWarning, match="log_model=True has no effect"):
-        logger = WandbLogger(offline=True, log_model=True)
-    assert logger._log_model is False
+    logger = WandbLogger(offline=True, log_model=True)  # recorded offline: tests/e2e/test_wandb_artifacts.py
+    assert logger._log_model is True and not [w for w in recwarn if "log_model" in str(w.message)]
 
 
 def test_auto_offline_only_without_credentials(tmp_path, monkeypatch):

@@ -3,6 +3,8 @@ back from the run's own files. Offline runs keep the artifacts, so `wandb sync` 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from helpers import ROOT, run_cli
 from wandb_reader import read_run
@@ -28,9 +30,11 @@ def test_checkpoints_and_exports_are_logged_as_model_artifacts_of_the_training_r
     run_dir = tmp_path / "runs" / "lm-tiny" / "version_0"
     (trained,) = (run_dir / "wandb").glob("offline-run-*")
     training = read_run(trained)
-    (checkpoint,) = [a for a in training.artifacts if a["type"] == "model"]
-    assert checkpoint["name"] == f"model-{training.id}" and "best" in checkpoint["aliases"]
-    assert [c["path"] for c in checkpoint["manifest"]["contents"]] == ["model.ckpt"]
+    saved = [a for a in training.artifacts if a["type"] == "model"]  # one version per checkpoint file
+    assert {a["name"] for a in saved} == {f"model-{training.id}"} and any("best" in a["aliases"] for a in saved)
+    assert all([c["path"] for c in a["manifest"]["contents"]] == ["model.ckpt"] for a in saved)
+    originals = {json.loads(a["metadata"])["original_filename"] for a in saved}
+    assert originals == {p.name for p in (run_dir / "checkpoints").glob("*.ckpt")}
 
     export = run_cli(["export", "--ckpt", str(run_dir / "checkpoints" / "last.ckpt"), "--format", "safetensors",
                       "--out", "exported", "--log_model"], cwd=tmp_path, env=env)  # fmt: skip
