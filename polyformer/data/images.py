@@ -1,8 +1,8 @@
 """Image classification data: scikit-learn's digits (built in), torchvision's CIFAR-10/100, `ImageFolder` trees and
 Hugging Face `datasets` image datasets, with the ViT training transforms of DeiT (Touvron et al. 2021):
-RandomResizedCrop, flips, RandAugment (Cubuk et al. 2020) or TrivialAugment (Müller & Hutter 2021), random erasing,
-normalisation; and the eval transform (resize to image_size / crop_pct, centre crop). Mixup/CutMix act on whole
-batches and live in the task, next to the soft-target loss they need.
+RandomResizedCrop, flips, RandAugment (Cubuk et al. 2020), TrivialAugment (Müller & Hutter 2021) or DeiT III's
+3-Augment (Touvron et al. 2022), random erasing, normalisation; and the eval transform (resize to image_size /
+crop_pct, centre crop). Mixup/CutMix act on whole batches and live in the task, next to the soft-target loss they need.
 
 Images decode in DataLoader worker processes (`num_workers`) into pinned memory when a GPU is present.
 Every source ends as a sequence of (image, label) with image a PIL image or a uint8 tensor (C, H, W).
@@ -51,7 +51,9 @@ class AugmentConfig:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     crop_padding: int = 4  # pixels, for crop: padded; padding is zeros, i.e. black before normalisation
     hflip: float = 0.5  # probability; 0 for data where mirroring changes the class (digits, text)
-    auto_augment: Literal["none", "randaugment", "trivialaugment"] = "none"
+    # "3augment": DeiT III's (Touvron et al. 2022): per image one of grayscale / solarisation / Gaussian blur, then
+    # colour jitter 0.3; DeiT III pairs it with a simple crop (crop: padded) instead of RandomResizedCrop.
+    auto_augment: Literal["none", "randaugment", "trivialaugment", "3augment"] = "none"
     randaugment_ops: int = 2  # DeiT: rand-m9-mstd0.5, i.e. 2 ops at magnitude 9
     randaugment_magnitude: int = 9
     random_erasing: float = 0.0  # probability; DeiT uses 0.25
@@ -121,10 +123,27 @@ def train_transform(
         steps.append(v2.RandAugment(augment.randaugment_ops, augment.randaugment_magnitude))
     elif augment.auto_augment == "trivialaugment":
         steps.append(v2.TrivialAugmentWide())
+    elif augment.auto_augment == "3augment":
+        steps += three_augment(image_size, channels)
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     if augment.random_erasing > 0:  # after normalisation, so erased pixels are 0 = the mean colour
         steps.append(v2.RandomErasing(augment.random_erasing, value=0.0))
     return _pipeline(channels, v2.Compose(steps))
+
+
+def three_augment(image_size: int, channels: int) -> list[Any]:
+    """DeiT III's 3-Augment (Touvron et al. 2022, section 3; their `new_data_aug_generator`): one of grayscale,
+    solarisation (pixels >= 128 inverted) or Gaussian blur (sigma 0.1..2) chosen uniformly per image, then colour
+    jitter 0.3 in brightness, contrast and saturation. Every draw is torch's global RNG, which the loader seeds per
+    (seed, epoch, index), so a resumed run sees the same images. Grey images (channels 1) keep all three; grayscale
+    is then the identity, as saturation jitter is."""
+    # The blur kernel covers +-3 sigma at sigma 2; on small images it is cut to the largest odd size whose reflect
+    # padding fits (at most 2 * side - 1).
+    kernel = min(13, 2 * image_size - 1)
+    choice = v2.RandomChoice(
+        [v2.Grayscale(num_output_channels=channels), v2.RandomSolarize(128, p=1.0), v2.GaussianBlur(kernel, (0.1, 2.0))]
+    )
+    return [choice, v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3)]
 
 
 def eval_transform(

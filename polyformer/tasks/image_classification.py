@@ -1,6 +1,8 @@
 """ViT image classification (Dosovitskiy et al. 2020, "An Image is Worth 16x16 Words") trained with the DeiT recipe
 (Touvron et al. 2021): label smoothing, Mixup (Zhang et al. 2018) / CutMix (Yun et al. 2019) through timm's `Mixup`
-with the soft-target cross-entropy they need, AdamW with weight decay on matrices only (tasks/base.py).
+with the soft-target cross-entropy they need, AdamW with weight decay on matrices only (tasks/base.py). DeiT III
+(Touvron et al. 2022, "DeiT III: Revenge of the ViT") trains with binary cross-entropy instead (`loss="bce"`): each
+class a sigmoid against the (mixed) target, which Mixup/CutMix's two-label targets fit better than one softmax.
 
 The network is `polyformer.models.vit.ViT` (the shared `ImageTower` plus a linear head), held as `self.model`; its
 first weights may come from timm (`init_from="timm:<name>"`, `polyformer.weights.timm_vit`).
@@ -70,6 +72,7 @@ class ImageClassifier(TaskModule):
         norm_pre: bool = False,
         label_smoothing: float = 0.1,
         mixup: MixupConfig | None = None,  # None = plain (label-smoothed) cross-entropy
+        loss: Literal["ce", "bce"] = "ce",  # bce: DeiT III's binary cross-entropy on the (mixed, smoothed) targets
         num_misclassified: int = 16,  # kept after validation for media()
         num_classes: int | None = None,  # the rest default to the data module's values
         image_size: int | None = None,
@@ -86,9 +89,11 @@ class ImageClassifier(TaskModule):
         self.save_hyperparameters()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if loss not in ("ce", "bce"):
+            raise ValueError(f"model.loss must be 'ce' (softmax cross-entropy) or 'bce' (DeiT III), got {loss!r}")
         self.backbone_cfg = backbone or TransformerConfig(width=192, depth=12, heads=3, dropout=0.0, norm_eps=1e-6)
         self.patch_size, self.pool, self.position, self.norm_pre = patch_size, pool, position, norm_pre
-        self.label_smoothing, self.mixup_cfg = label_smoothing, mixup
+        self.label_smoothing, self.mixup_cfg, self.loss = label_smoothing, mixup, loss
         self.num_misclassified = num_misclassified
         self.num_classes, self.image_size, self.channels = num_classes, image_size, channels
         self.class_names, self.mean, self.std = class_names, mean, std
@@ -158,7 +163,14 @@ class ImageClassifier(TaskModule):
             images, soft = self.mixup(images, targets)  # soft: (B, K), label smoothing included
             # fp32 logits: CPU autocast leaves log_softmax in bf16 (CUDA autocast promotes it), an error of ~1e-3 in
             # the loss; F.cross_entropy below already runs in fp32 under both autocasts, the cast makes that explicit.
-            loss = torch.sum(-soft.float() * F.log_softmax(self.model(images).float(), dim=-1), dim=-1).mean()
+            logits = self.model(images).float()
+            if self.loss == "bce":
+                loss = binary_cross_entropy(logits, soft.float())
+            else:
+                loss = torch.sum(-soft.float() * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        elif self.loss == "bce":
+            logits = self.model(images).float()
+            loss = binary_cross_entropy(logits, smoothed_one_hot(targets, logits.shape[-1], self.label_smoothing))
         else:
             loss = F.cross_entropy(self.model(images).float(), targets, label_smoothing=self.label_smoothing)
         self.log("train/loss", loss, prog_bar=True)
@@ -241,6 +253,19 @@ class ImageClassifier(TaskModule):
         if self.model is not None and key in state and state[key].shape != self.model.tower.pos_embed.shape:
             tower = self.model.tower
             state[key] = resize_pos_embed(state[key], tower.patch.grid, tower.prefix)
+
+
+def smoothed_one_hot(targets: Tensor, num_classes: int, smoothing: float) -> Tensor:
+    """(B,) class ids -> (B, K) targets: 1 - smoothing + smoothing / K on the class, smoothing / K elsewhere (timm's
+    Mixup builds its targets the same way)."""
+    off = smoothing / num_classes
+    return F.one_hot(targets, num_classes).float() * (1.0 - smoothing) + off
+
+
+def binary_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """DeiT III's loss: every class an independent sigmoid against its soft target, averaged over the B x K entries
+    (timm's `BinaryCrossEntropy`, torch's `BCEWithLogitsLoss` default). logits, targets: (B, K)."""
+    return F.binary_cross_entropy_with_logits(logits, targets)
 
 
 def _to_uint8(images: Tensor) -> Tensor:  # (B, C, H, W) any range -> uint8, per image min-max
