@@ -5,12 +5,14 @@ Touvron et al. 2021 and AugReg of Steiner et al. 2021) into `polyformer.models.v
 whole architecture off a timm model (heads, activation and norm eps are not in a state dict); `load_timm_vit` is
 `init_from="timm:<name>[@<weights file>]"`: the named timm model with its pretrained weights (Hugging Face hub, or
 timm's local cache offline), or with a local file's.
-Covered: every plain ViT size, class-token or average pooling (fc_norm), pre-norm (CLIP-style), GELU/QuickGELU.
-Refused with a message: layer scale, register tokens, q/k norms, attention-pool heads, positions without the class
+Covered: every plain ViT size, class-token or average pooling (fc_norm), pre-norm (CLIP-style), GELU/QuickGELU,
+LayerScale (`init_values`: timm's `ls1.gamma` / `ls2.gamma` are our blocks' own names; DeiT III, CaiT).
+Refused with a message: register tokens, q/k norms, attention-pool heads, positions without the class
 token (these architectures need blocks our backbone does not have).
 
 The way out: `export_timm_vit` writes a `ViT` as timm weights plus the `timm.create_model` arguments that build it
-(LayerNorm or RMSNorm at timm's eps 1e-6, pre-LN blocks, any pooling, bias and activation ours has but SwiGLU).
+(LayerNorm or RMSNorm at timm's eps 1e-6, pre-LN blocks, any pooling, bias and activation ours has but SwiGLU,
+LayerScale as `init_values`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ _RENAMES = {
     "head.bias": "head.bias",
 }
 _BLOCK = re.compile(r"blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)")
+_LAYER_SCALE = re.compile(r"blocks\.(\d+)\.(ls1|ls2)\.gamma")  # timm's LayerScale: the same names as ours
+# The `backbone.layer_scale` a model built to receive timm's gammas is given: only its presence matters, the weights'
+# gammas replace the start value (1e-5: timm's and CaiT's usual init_values).
+_LOADED_LAYER_SCALE = 1e-5
 
 
 def convert_timm_vit(
@@ -58,9 +64,11 @@ def convert_timm_vit(
             out[_RENAMES[key]] = value
         elif m := _BLOCK.fullmatch(key):
             out[f"tower.encoder.blocks.{m[1]}.{m[2]}.{m[3]}"] = value
+        elif _LAYER_SCALE.fullmatch(key):
+            out[f"tower.encoder.{key}"] = value
         else:
             raise ValueError(
-                f"timm ViT weight {key!r} has no counterpart in polyformer's ViT (layer scale, register tokens, "
+                f"timm ViT weight {key!r} has no counterpart in polyformer's ViT (register tokens, "
                 f"q/k norm and attention pooling are not supported); choose a plain ViT"
             )
     # Pre-norm (CLIP-style) timm ViTs have a patch projection without bias; ours always has one: zero is exact.
@@ -85,6 +93,8 @@ def convert_timm_vit(
         config["backbone.mlp_ratio"] = out["tower.encoder.blocks.0.mlp.fc1.weight"].shape[0] / width
     if "head.weight" in out:
         config["num_classes"] = out["head.weight"].shape[0]
+    if "tower.encoder.blocks.0.ls1.gamma" in out:  # the value is free (the gammas replace it); only "not None" is not
+        config["backbone.layer_scale"] = _LOADED_LAYER_SCALE
     if "tower.pos_embed" in out:
         prefix = int(class_token)
         side = math.isqrt(out["tower.pos_embed"].shape[1] - prefix)
@@ -129,6 +139,7 @@ def timm_vit_config(model: nn.Module) -> dict[str, Any]:
         "backbone.prenorm": True,
         "backbone.final_norm": True,
         "backbone.bias": block.attn.qkv.bias is not None,
+        "backbone.layer_scale": None if isinstance(block.ls1, nn.Identity) else _LOADED_LAYER_SCALE,
         "patch_size": model.patch_embed.patch_size[0],
         "image_size": model.patch_embed.img_size[0],
         "channels": model.patch_embed.proj.in_channels,
@@ -175,7 +186,10 @@ def load_timm_vit(name: str, model: ViT) -> dict[str, Tensor]:
             f"then), or give a local file: init_from='timm:{arch}@<weights file>'"
         ) from None
     config, state = convert_timm_vit(theirs.state_dict(), grid=model.tower.patch.grid)
-    check_fits(model_config(model), {**timm_vit_config(theirs), **config}, source)
+    needs = {**timm_vit_config(theirs), **config}
+    if needs["backbone.layer_scale"] is not None and cfg.backbone.layer_scale is not None:
+        del needs["backbone.layer_scale"]  # any start value takes the weights' gammas
+    check_fits(model_config(model), needs, source)
     if theirs.pretrained_cfg.get("num_classes") != cfg.num_classes:
         # timm dropped the pretrained head (another class count) and made its own: keep ours, as a run from scratch.
         own = model.state_dict()
@@ -269,6 +283,7 @@ def timm_model_args(model: ViT) -> dict[str, Any]:
         "proj_drop_rate": b.dropout,
         "attn_drop_rate": b.attention_dropout,
         "drop_path_rate": b.drop_path,
+        "init_values": b.layer_scale,  # LayerScale's start; the exported gammas replace it
     }
 
 

@@ -76,8 +76,8 @@ def test_positions_resized_for_another_resolution_match_timm():
 
 
 def test_unsupported_timm_features_are_refused_by_name():
-    model = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, init_values=1e-5)
-    with pytest.raises(ValueError, match="ls1.gamma"):
+    model = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, reg_tokens=2)
+    with pytest.raises(ValueError, match="reg_token"):
         convert_timm_vit(model.state_dict())
     avg_without_fc_norm = VisionTransformer(
         img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, global_pool="avg", class_token=False,
