@@ -190,6 +190,35 @@ def pretrained(name_or_path: str) -> Tokenizer:
     return Tokenizer.load(file)
 
 
+BERT_SPECIALS = ("[CLS]", "[SEP]", "[MASK]")  # what a masked-LM / classification encoder reads besides pad
+
+
+def with_special_tokens(tokenizer: Tokenizer, names: Iterable[str]) -> Tokenizer:
+    """A copy of `tokenizer` with those of `names` it lacks added as special tokens (ids after its vocabulary, so
+    the ids it has keep their meaning); a pretrained BERT tokenizer already has them and comes back unchanged."""
+    inner = tokenizers.Tokenizer.from_str(tokenizer.to_json())
+    vocab = inner.get_vocab(with_added_tokens=True)
+    missing = [n for n in names if n not in vocab]
+    if missing:
+        inner.add_special_tokens(missing)
+    return Tokenizer(inner)
+
+
+def word_starts(tokenizer: Tokenizer) -> list[bool]:
+    """For each id, whether its token begins a word (whole-word masking keeps a word's pieces together): byte-level
+    BPE marks a word's first piece with its leading space or newline, WordPiece its continuations with "##",
+    SentencePiece its first piece with "▁". Special tokens stand alone. Other tokenizers: every token a word."""
+    inner, special = tokenizer.inner, set(tokenizer.special_ids)
+    tokens = [inner.id_to_token(i) or "" for i in range(tokenizer.vocab_size)]
+    if isinstance(inner.model, models.WordPiece):
+        prefix = inner.model.continuing_subword_prefix
+        return [i in special or not t.startswith(prefix) for i, t in enumerate(tokens)]
+    marks = ("\u0120", "\u010a", "\u0109") if isinstance(inner.decoder, decoders.ByteLevel) else ("\u2581",)
+    if not isinstance(inner.decoder, (decoders.ByteLevel, decoders.Metaspace)):
+        return [True] * len(tokens)
+    return [i in special or t.startswith(marks) for i, t in enumerate(tokens)]
+
+
 def decode_rows(tokenizer: Tokenizer, ids: Tensor) -> list[str]:
     """Padded token rows (N, T) to text for display: special tokens dropped, each row cut at its first end-of-text
     after some text (what follows is padding, whatever id the collate function padded with)."""
