@@ -61,7 +61,8 @@ def point_latest(run_dir: Path) -> None:
 
 class RunDirectory(pl.Callback):
     """Decides the run directory in `setup` and points unplaced loggers and checkpoint callbacks into it (rank 0
-    creates it and, for fit, points `latest` at it). `run_dir` is the directory afterwards, the same on every rank."""
+    creates it, and points `latest` at it when training starts). `run_dir` is the directory afterwards, the same on
+    every rank."""
 
     def __init__(self) -> None:
         self.run_dir: Path | None = None
@@ -86,6 +87,10 @@ class RunDirectory(pl.Callback):
                 cb.dirpath = str(run_dir / "checkpoints")
         if trainer.is_global_zero:
             run_dir.mkdir(parents=True, exist_ok=True)
-            if stage == "fit":
-                point_latest(run_dir)
         self.run_dir = run_dir
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Only now, after a checkpoint to resume has loaded: a fit refused before training (another architecture's
+        # checkpoint, bad data) must not turn `latest` away from the last run that trained.
+        if trainer.is_global_zero and self.run_dir is not None:
+            point_latest(self.run_dir)

@@ -23,6 +23,7 @@ from polyformer.backbone.config import TransformerConfig
 from polyformer.callbacks.progress import StepProgressBar
 from polyformer.callbacks.run_summary import millions, parameter_counts
 from polyformer.checkpointing import load_task
+from polyformer.checkpointing.files import read_checkpoint
 from polyformer.models.gpt import GPT, GPTConfig
 
 TINY = str(ROOT / "configs" / "lm" / "tiny.yaml")
@@ -81,10 +82,16 @@ def test_fit_prints_the_header_a_step_bar_and_writes_one_run_directory(tmp_path,
     assert "run directory: runs/lm-tiny/version_1" in second.stdout
     assert (root / "latest").resolve() == (root / "version_1").resolve()
     assert (root / "version_1" / "checkpoints" / "last.ckpt").is_file()
+    # A fit refused before training (a checkpoint of another width) leaves `latest` on the last run that trained.
+    refused = run_cli(["fit", "--config", TINY, *SMALL, "--model.init_args.backbone.width=48",
+                       "--ckpt_path=runs/lm-tiny/latest/checkpoints/last.ckpt"], cwd=tmp_path, env=cache)  # fmt: skip
+    assert refused.returncode == 1 and "width" in refused.stderr, refused.stderr[-2000:]
+    assert (root / "latest").resolve() == (root / "version_1").resolve()
     # A checkpoint named through `latest` is the one of the run it named when the command started, not the new run's.
     resumed = fit(tmp_path, cache, "--trainer.max_steps=6", "--ckpt_path=runs/lm-tiny/latest/checkpoints/last.ckpt")
-    assert "run directory: runs/lm-tiny/version_2" in resumed.stdout
-    assert load_task(root / "version_2" / "checkpoints" / "last.ckpt") is not None
+    assert "run directory: runs/lm-tiny/version_3" in resumed.stdout
+    assert read_checkpoint(root / "version_3" / "checkpoints" / "last.ckpt")["global_step"] == 6  # 4 + 2 resumed
+    assert (root / "latest").resolve() == (root / "version_3").resolve()
 
 
 @pytest.mark.slow
