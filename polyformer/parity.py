@@ -12,9 +12,11 @@ world-th bucket, so its reference is 1 process accumulating 2 buckets per step (
 trains). Per-sample augmentation is seeded by (seed, epoch, index) in the loaders, so it does not depend on the rank,
 the number of workers or where a run resumed. Dropout is off: a rank draws other masks than a single process does.
 
-Cells that cannot be equal say why instead of running: CLIP with accumulated micro-batches sees fewer negatives per
-loss (a different objective, as in open_clip without gradient caching); translation's accumulation is its reference;
-the LM and translation data modules load in-process and have no workers.
+Cells that cannot be equal say why instead of running: CLIP (either loss) with accumulated micro-batches sees fewer
+negatives per loss (a different objective, as in open_clip without gradient caching); translation's accumulation is
+its reference; the LM and translation data modules load in-process and have no workers. Variants of a task (lm-muon,
+clip-siglip) run only the settings where their difference meets the scale-out; elsewhere they compute what the base
+task's cell already checks.
 
 Run it:
     python -m polyformer.parity matrix --out parity-out                      # every setting on CPU, then the table
@@ -55,6 +57,7 @@ class TaskSpec:
     buckets: bool = False  # micro-batches are whole length buckets: the reference accumulates 2 of them
     workers: bool = False  # the data module loads in worker processes (num_workers)
     optimizer_only: bool = False  # another optimizer for a task above: only the settings that change its inputs
+    only: tuple[str, ...] = ()  # non-empty: only these settings (another loss for a task above: its cross-rank part)
 
 
 M, D = "--model.init_args", "--data.init_args"
@@ -95,6 +98,16 @@ TASKS: dict[str, TaskSpec] = {
          f"{M}.image.backbone.dropout=0.0", f"{M}.text.backbone.dropout=0.0", f"{M}.embed_dim=32"),
         batch=32,
         workers=True,
+    ),
+    # CLIP with SigLIP's sigmoid loss: only the texts are gathered across ranks, and the bias is a parameter too.
+    "clip-siglip": TaskSpec(
+        "clip/digits.yaml",
+        (f"{M}.image.backbone.width=32", f"{M}.image.backbone.depth=1", f"{M}.image.backbone.heads=2",
+         f"{M}.text.backbone.width=32", f"{M}.text.backbone.depth=1", f"{M}.text.backbone.heads=2",
+         f"{M}.image.backbone.dropout=0.0", f"{M}.text.backbone.dropout=0.0", f"{M}.embed_dim=32", f"{M}.loss=siglip"),
+        batch=32,
+        workers=True,
+        only=("ddp", "fsdp"),
     ),
 }  # fmt: skip
 
@@ -175,7 +188,7 @@ GPU_ONLY = {"16-mixed": Setting("16-mixed", "fp16 autocast + gradient scaling", 
 def not_applicable(task: str, setting: Setting) -> str | None:
     """Why a cell cannot be compared, or None."""
     spec = TASKS[task]
-    if task == "clip" and setting.accumulate > 1:
+    if task in ("clip", "clip-siglip") and setting.accumulate > 1:
         return "contrastive loss over half batches has half the negatives: another objective, not a scale-out"
     if spec.buckets and setting.accumulate > 1:
         return "translation's reference already accumulates 2 length buckets per step"
@@ -183,6 +196,8 @@ def not_applicable(task: str, setting: Setting) -> str | None:
         return "this data module loads in-process (no worker processes)"
     if spec.optimizer_only and setting.name not in (REFERENCE.name, *OPTIMIZER_SETTINGS):
         return "the model's computation is the LM cell's; the optimizer's inputs are those of one process"
+    if spec.only and setting.name not in (REFERENCE.name, *spec.only):
+        return "the model's computation is the CLIP cell's; the loss's cross-rank exchange is not involved"
     return None
 
 

@@ -11,8 +11,9 @@ MLP ratio, patch and image size, context length, embedding dim, vocabulary); `op
 add what only the reference model knows: heads, activation (GELU, or QuickGELU for OpenAI's weights), norm eps and
 the token the text tower pools at. `load_open_clip` is `init_from="open_clip:<name>@<pretrained tag | weights
 file>"`, `load_hf_clip` is `init_from="hf:<hub name | save_pretrained folder>"`.
-Covered: ViT image towers with class-token pooling and the standard text tower. Refused with a message: ResNet or
-timm image towers, custom (Hugging Face) text towers, attentional pooling, SigLIP's logit bias, layer scale.
+Covered: ViT image towers with class-token pooling and the standard text tower, and SigLIP's logit bias (open_clip's
+`CLIP(init_logit_bias=...)` parameter `logit_bias`: our `loss="siglip"`). Refused with a message: ResNet or timm image
+towers, custom (Hugging Face) text towers, attentional pooling, layer scale.
 The way out: `export_open_clip` writes a `CLIP` as an open_clip state dict and model config (open_clip's own layout
 and the hub's), after `open_clip_export_problems` finds nothing to refuse.
 Legend: D width, E embed dim, N patches.
@@ -118,7 +119,9 @@ def _shape_config(out: dict[str, Tensor]) -> dict[str, Any]:
 def _finish(out: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
     zero_bias(out, "image.patch.proj.weight")  # CLIP's patch convolution has no bias; ours is zero: the same function
     out["logit_scale"] = out["logit_scale"].reshape(1)  # ours is (1,): FSDP shards no 0-d parameters
-    return _shape_config(out), out
+    config = _shape_config(out)
+    config["loss"] = "siglip" if "logit_bias" in out else "clip"  # a logit bias is a SigLIP model's
+    return config, out
 
 
 def convert_open_clip(state_dict: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -145,8 +148,10 @@ def convert_open_clip(state_dict: dict[str, Tensor]) -> tuple[dict[str, Any], di
             out["text_proj.weight"] = value.T
         elif key == "attn_mask":  # the causal mask, a buffer of old checkpoints: ours is built in
             continue
-        elif key == "logit_bias" or key.startswith("visual.attn_pool"):
-            raise ValueError(f"{key!r} (SigLIP bias / attentional pooling) has no counterpart in our CLIP")
+        elif key == "logit_bias":  # SigLIP's b: open_clip's is a 0-d parameter, ours (1,) as the logit scale
+            out["logit_bias"] = value.reshape(1)
+        elif key.startswith("visual.attn_pool"):
+            raise ValueError(f"{key!r} (attentional pooling) has no counterpart in our CLIP")
         elif (new := _rename(key, _OPEN_CLIP)) is not None:
             out[new] = value
         else:
@@ -365,6 +370,8 @@ def open_clip_export_problems(model: CLIP) -> list[str]:
             wrong.append(f"model.{tower}.backbone.window=None (here {b.window!r})")
         if b.qk_norm:  # open_clip's attention has no query/key norms
             wrong.append(f"model.{tower}.backbone.qk_norm=False (here {b.qk_norm!r})")
+        if b.layer_scale is not None:  # open_clip's ls_1/ls_2 (ls_init_value) are not mapped yet
+            wrong.append(f"model.{tower}.backbone.layer_scale=None (here {b.layer_scale!r})")
     image, text = cfg.image.backbone.activation, cfg.text.backbone.activation
     if (image == "quick_gelu") != (text == "quick_gelu"):  # open_clip's quick_gelu flag is for both towers
         wrong.append(f"model.image.backbone.activation and model.text.backbone.activation both 'quick_gelu' or both "
@@ -418,6 +425,8 @@ def open_clip_state_dict(model: CLIP) -> dict[str, Tensor]:
         "text_projection": ours["text_proj.weight"].T,
         "logit_scale": ours["logit_scale"].clamp(max=math.log(cfg.max_logit_scale)).reshape(()),
     })  # fmt: skip
+    if "logit_bias" in ours:  # SigLIP: open_clip's CLIP holds it when built with init_logit_bias (the config's)
+        out["logit_bias"] = ours["logit_bias"].reshape(())
     if cfg.image.norm_pre:
         out["visual.ln_pre.weight"], out["visual.ln_pre.bias"] = (
             ours["image.norm_pre.weight"],
@@ -459,7 +468,10 @@ def open_clip_model_config(model: CLIP) -> dict[str, Any]:
     for tower_cfg, kwargs in ((vision_cfg, act_kwargs["image"]), (text_cfg, act_kwargs["text"])):
         if kwargs is not None:
             tower_cfg["act_kwargs"] = kwargs
-    return {"embed_dim": cfg.embed_dim, "quick_gelu": quick, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    config = {"embed_dim": cfg.embed_dim, "quick_gelu": quick, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    if cfg.loss == "siglip":  # makes open_clip's CLIP create `logit_bias` (the exported value replaces the start)
+        config["init_logit_bias"] = cfg.init_logit_bias
+    return config
 
 
 # The model name an export registers under by default (the stem of its config file). Fixed, not the folder's name:
