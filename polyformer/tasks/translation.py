@@ -97,7 +97,7 @@ class Translation(TaskModule):
         self.source_tokenizer: Tokenizer | None = None
         # Token-weighted means that sync as sums over ranks: exact under DDP whatever each rank's share of tokens.
         self.eval_metrics = nn.ModuleDict({f"{s}_{m}": MeanMetric() for s in ("val", "test") for m in ("loss", "nll")})
-        self._outputs: list[tuple[int, str, str]] = []  # (index, hypothesis, reference) of this rank
+        self._outputs: list[tuple[Any, ...]] = []  # (index, hypothesis, reference, ...) of this rank (_record)
         # Of the last scored evaluation, for media() and checkpoints: the strings that make a score comparable.
         self.signatures: dict[str, str] = {}
         self.scores: dict[str, float] = {}
@@ -173,8 +173,11 @@ class Translation(TaskModule):
             metric = self.eval_metrics[f"{stage}_{name}"]
             metric.update(value, ntok)
             self.log(f"{stage}/{name}", metric)
-        hyps = tok.decode_batch(self.generate(batch["source"]))
-        self._outputs += zip(batch["index"].tolist(), hyps, batch["references"])
+        self._record(batch, tok.decode_batch(self.generate(batch["source"])))
+
+    def _record(self, batch: dict[str, Any], hypotheses: list[str]) -> None:
+        """Keep what `_score` needs of an evaluation batch: (index, hypothesis, reference) per row."""
+        self._outputs += zip(batch["index"].tolist(), hypotheses, batch["references"])
 
     def on_validation_epoch_end(self) -> None:
         self._score("val")
@@ -184,15 +187,10 @@ class Translation(TaskModule):
 
     def _score(self, stage: str) -> None:
         """Corpus BLEU / chrF over every rank's hypotheses (each sample once), so any number of ranks agree."""
-        outputs, self._outputs = self._outputs, []
-        if dist.is_available() and dist.is_initialized():
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, outputs)
-            outputs = [o for part in gathered for o in part]
+        outputs = self._gathered_outputs()
         if not outputs:
             return
-        outputs = sorted(dict((i, (h, r)) for i, h, r in outputs).items())
-        hyps, refs = [h for _, (h, _) in outputs], [r for _, (_, r) in outputs]
+        hyps, refs = [o[1] for o in outputs], [o[2] for o in outputs]
         scores = corpus_scores(hyps, refs)
         self.log_dict({f"{stage}/bleu": scores["bleu"], f"{stage}/chrf": scores["chrf"]}, rank_zero_only=False)
         self.signatures = {"bleu": scores["bleu_signature"], "chrf": scores["chrf_signature"]}
@@ -201,6 +199,15 @@ class Translation(TaskModule):
             f"{stage}: BLEU {scores['bleu']:.2f} ({scores['bleu_signature']}), "
             f"chrF {scores['chrf']:.2f} ({scores['chrf_signature']}) on {len(hyps)} sentences"
         )
+
+    def _gathered_outputs(self) -> list[tuple[Any, ...]]:
+        """Every rank's recorded rows, each sample once (DDP's padded duplicates dropped), in index order."""
+        outputs, self._outputs = self._outputs, []
+        if dist.is_available() and dist.is_initialized():
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, outputs)
+            outputs = [o for part in gathered for o in part]
+        return sorted({o[0]: o for o in outputs}.values(), key=lambda o: o[0])
 
     # ---- decoding ---------------------------------------------------------------------------------------------
     @torch.no_grad()
