@@ -69,7 +69,7 @@ class _Unplaced:
     Used for anything else, it places the logger in the working directory (Lightning's own default root): a Trainer
     built without the CLI's `RunDirectory` callback still logs."""
 
-    def __init__(self, logger: TensorBoard | CSV) -> None:
+    def __init__(self, logger: _Placeable) -> None:
         self._logger = logger
 
     def __getattr__(self, name: str) -> Any:
@@ -77,7 +77,29 @@ class _Unplaced:
         return getattr(self._logger.experiment, name)
 
 
-class TensorBoard(LightningTensorBoardLogger):
+class _Placeable:
+    """What TensorBoard and CSV add to Lightning's loggers: without a save_dir they wait for `place` (the run
+    directory) and hand out an `_Unplaced` stand-in until then. Mixed in before the Lightning class."""
+
+    placed: bool
+    _version_arg: int | str | None
+
+    def place(self, root: str | Path, version: str | None = None) -> None:
+        """Write under `root` (as `version`, when given) instead of the placeholder; called before the first write."""
+        self._root_dir = os.fspath(root)
+        if hasattr(self, "_save_dir"):  # Lightning's CSVLogger keeps the root a second time
+            self._save_dir = self._root_dir
+        self._fs = get_filesystem(self._root_dir)
+        self._version = version if version is not None else self._version_arg
+        self._experiment = None  # made on first use, in the placed directory
+        self.placed = True
+
+    @property
+    def experiment(self) -> Any:
+        return super().experiment if self.placed else _Unplaced(self)  # type: ignore[misc]
+
+
+class TensorBoard(_Placeable, LightningTensorBoardLogger):
     """Lightning's TensorBoard logger, by default in the run directory (`<default_root_dir>/version_N`).
 
     Args:
@@ -97,26 +119,11 @@ class TensorBoard(LightningTensorBoardLogger):
         prefix: str = "",
         sub_dir: str | None = None,
     ) -> None:
-        self.placed = save_dir is not None
-        self._version_arg = version
+        self.placed, self._version_arg = save_dir is not None, version
         super().__init__(save_dir or ".", name, version, log_graph, default_hp_metric, prefix, sub_dir)
 
-    def place(self, root: str | Path, version: str | None = None) -> None:
-        """Write under `root` (as `version`, when given) instead of the placeholder; called before the first write."""
-        self._root_dir = os.fspath(root)
-        self._fs = get_filesystem(self._root_dir)
-        self._version = version if version is not None else self._version_arg
-        self._experiment = None  # made on first use, in the placed directory
-        self.placed = True
 
-    @property
-    def experiment(self) -> Any:
-        if not self.placed:
-            return _Unplaced(self)
-        return LightningTensorBoardLogger.experiment.fget(self)  # type: ignore[attr-defined]
-
-
-class CSV(LightningCSVLogger):
+class CSV(_Placeable, LightningCSVLogger):
     """Lightning's CSV logger (`metrics.csv`, `hparams.yaml`), by default in the run directory; see TensorBoard.
 
     Args:
@@ -132,22 +139,8 @@ class CSV(LightningCSVLogger):
         prefix: str = "",
         flush_logs_every_n_steps: int = 100,
     ) -> None:
-        self.placed = save_dir is not None
-        self._version_arg = version
+        self.placed, self._version_arg = save_dir is not None, version
         super().__init__(save_dir or ".", name, version, prefix, flush_logs_every_n_steps)
-
-    def place(self, root: str | Path, version: str | None = None) -> None:
-        self._root_dir = self._save_dir = os.fspath(root)
-        self._fs = get_filesystem(self._root_dir)
-        self._version = version if version is not None else self._version_arg
-        self._experiment = None  # made on first use, in the placed directory
-        self.placed = True
-
-    @property
-    def experiment(self) -> Any:
-        if not self.placed:
-            return _Unplaced(self)
-        return LightningCSVLogger.experiment.fget(self)  # type: ignore[attr-defined]
 
 
 class _PendingRun:

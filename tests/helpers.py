@@ -19,3 +19,13 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = N
         text=True,
         timeout=timeout,
     )
+
+
+# The LM preset (configs/lm/tiny.yaml) shrunk to seconds: a 1-layer, 32-wide GPT on 4 x 16-token blocks of a 300-token
+# BPE, fp32. Append --trainer.max_steps etc. per test.
+TINY_LM_ARGS = [
+    "--model.init_args.backbone.width=32", "--model.init_args.backbone.depth=1", "--model.init_args.backbone.heads=2",
+    "--data.init_args.batch_size=4", "--data.init_args.block_size=16", "--model.init_args.backbone.max_len=64",
+    "--data.init_args.bpe_vocab_size=300", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
+    "--trainer.precision=32-true", "--model.init_args.samples.max_new_tokens=4",
+]  # fmt: skip

@@ -16,7 +16,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import ROOT, run_cli
+from helpers import ROOT, TINY_LM_ARGS, run_cli
 from rich.console import Console
 
 from polyformer.backbone.config import TransformerConfig
@@ -27,13 +27,7 @@ from polyformer.checkpointing.files import read_checkpoint
 from polyformer.models.gpt import GPT, GPTConfig
 
 TINY = str(ROOT / "configs" / "lm" / "tiny.yaml")
-SMALL = [
-    "--model.init_args.backbone.width=32", "--model.init_args.backbone.depth=1", "--model.init_args.backbone.heads=2",
-    "--data.init_args.batch_size=4", "--data.init_args.block_size=16", "--model.init_args.backbone.max_len=64",
-    "--data.init_args.bpe_vocab_size=300", "--trainer.max_steps=4", "--trainer.val_check_interval=2",
-    "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1", "--trainer.precision=32-true",
-    "--model.init_args.samples.max_new_tokens=4",
-]  # fmt: skip
+SMALL = [*TINY_LM_ARGS, "--trainer.max_steps=4", "--trainer.val_check_interval=2"]
 NOISE = ["litlogger", "LeafSpec", "FLOPs", "Epoch 0/-", "GPU available", "Total params"]
 
 

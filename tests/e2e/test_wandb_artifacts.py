@@ -6,18 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import ROOT, run_cli
+from helpers import ROOT, TINY_LM_ARGS, run_cli
 from wandb_reader import read_run
 
 TINY = str(ROOT / "configs" / "lm" / "tiny.yaml")
 WANDB = str(ROOT / "configs" / "logger" / "wandb.yaml")
-SMALL = [
-    "--model.init_args.backbone.width=32", "--model.init_args.backbone.depth=1", "--model.init_args.backbone.heads=2",
-    "--data.init_args.batch_size=4", "--data.init_args.block_size=16", "--model.init_args.backbone.max_len=64",
-    "--data.init_args.bpe_vocab_size=300", "--trainer.max_steps=3", "--trainer.val_check_interval=3",
-    "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1", "--trainer.precision=32-true",
-    "--model.init_args.samples.max_new_tokens=4", "--media.every_n_val=0",
-]  # fmt: skip
+SMALL = [*TINY_LM_ARGS, "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--media.every_n_val=0"]
 
 
 @pytest.mark.slow
