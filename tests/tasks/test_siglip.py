@@ -17,6 +17,8 @@ from polyformer.tasks.contrastive import CLIP, ImageEncoderConfig, TextEncoderCo
 from polyformer.tasks.contrastive_loss import sigmoid_loss
 from polyformer.weights.native import export_safetensors, load_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread is fastest
+
 
 def tiny_siglip(width: int = 16, patch: int = 4, max_len: int = 12, **kw) -> CLIP:
     torch.manual_seed(0)

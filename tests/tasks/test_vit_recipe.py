@@ -11,7 +11,10 @@ import torch.nn.functional as F
 from polyformer.backbone import TransformerConfig
 from polyformer.tasks.image_classification import ImageClassifier, MixupConfig
 
-pytestmark = [pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def build(**kwargs) -> ImageClassifier:
