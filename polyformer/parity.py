@@ -109,6 +109,15 @@ TASKS: dict[str, TaskSpec] = {
         workers=True,
         only=("ddp", "fsdp"),
     ),
+    # BERT's masked LM: a bidirectional encoder whose masks are drawn per sample while loading (data/masked_text.py).
+    "bert-mlm": TaskSpec(
+        "bert/tiny-mlm.yaml",
+        (f"{M}.backbone.width=32", f"{M}.backbone.depth=2", f"{M}.backbone.heads=2", f"{M}.backbone.max_len=32",
+         f"{M}.backbone.dropout=0.0", f"{D}.block_size=32", f"{D}.bpe_vocab_size=512"),
+        batch=8,
+        workers=True,
+        only=("ddp", "resume", "resume-workers"),
+    ),
 }  # fmt: skip
 
 
@@ -196,6 +205,8 @@ def not_applicable(task: str, setting: Setting) -> str | None:
         return "this data module loads in-process (no worker processes)"
     if spec.optimizer_only and setting.name not in (REFERENCE.name, *OPTIMIZER_SETTINGS):
         return "the model's computation is the LM cell's; the optimizer's inputs are those of one process"
+    if task == "bert-mlm" and setting.name not in (REFERENCE.name, *spec.only):
+        return "the backbone's other settings are the LM cell's; here: masks drawn per sample across ranks, resume"
     if spec.only and setting.name not in (REFERENCE.name, *spec.only):
         return "the model's computation is the CLIP cell's; the loss's cross-rank exchange is not involved"
     return None
