@@ -62,7 +62,7 @@ class BertConfig:
 
 
 class BertEncoder(nn.Module):
-    """(B, T) token ids -> (B, T, D) hidden states and the (B, D) pooled [CLS] state, tanh(W h_0 + b)."""
+    """(B, T) token ids -> (B, T, D) hidden states."""
 
     def __init__(self, cfg: BertConfig) -> None:
         super().__init__()
@@ -73,15 +73,10 @@ class BertEncoder(nn.Module):
         self.token_types = nn.Embedding(cfg.type_vocab_size, width)
         self.embed_norm = nn.Identity() if b.prenorm else make_norm(b)
         self.backbone = Transformer(dataclasses.replace(b, position="none") if learned else b)
-        self.pooler = nn.Linear(width, width)
         for table in (self.token_types.weight, *([self.positions.weight] if learned else [])):
             nn.init.normal_(table, std=0.02)
-        nn.init.normal_(self.pooler.weight, std=0.02)
-        nn.init.zeros_(self.pooler.bias)
 
-    def forward(
-        self, tokens: Tensor, padding_mask: Tensor | None = None, token_types: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def forward(self, tokens: Tensor, padding_mask: Tensor | None = None, token_types: Tensor | None = None) -> Tensor:
         """`padding_mask` (B, T) True at real tokens; `token_types` (B, T), default all 0."""
         T = tokens.shape[1]
         x = self.embed(tokens)
@@ -89,8 +84,7 @@ class BertEncoder(nn.Module):
             x = x + self.positions(torch.arange(T, device=tokens.device)[None], end=T)
         types = token_types if token_types is not None else torch.zeros_like(tokens)
         x = self.embed_norm(x + self.token_types(types))
-        h = self.backbone(x, padding_mask=padding_mask)  # (B, T, D)
-        return h, torch.tanh(self.pooler(h[:, 0]))
+        return self.backbone(x, padding_mask=padding_mask)  # (B, T, D)
 
 
 class MaskedLMHead(nn.Module):
@@ -122,8 +116,7 @@ class BertForMaskedLM(nn.Module):
         self.head = MaskedLMHead(cfg, self.bert.embed.weight)
 
     def forward(self, tokens: Tensor, padding_mask: Tensor | None = None, token_types: Tensor | None = None) -> Tensor:
-        h, _ = self.bert(tokens, padding_mask, token_types)
-        return self.head(h)[..., : self.cfg.vocab_size]
+        return self.head(self.bert(tokens, padding_mask, token_types))[..., : self.cfg.vocab_size]
 
     def training_flops(self, batch: int, length: int) -> float:
         """Forward + backward FLOPs: the backbone's and 6 per head weight (dense and decoder) per position."""
@@ -132,7 +125,9 @@ class BertForMaskedLM(nn.Module):
 
 
 class BertForSequenceClassification(nn.Module):
-    """(B, T) token ids -> (B, K) class logits from the pooled [CLS] state (dropout, then a linear classifier)."""
+    """(B, T) token ids -> (B, K) class logits from the pooled [CLS] state, tanh(W h_0 + b), through dropout and a
+    linear classifier. The pooler lives here, not in the encoder: masked-LM pre-training never trains it (BERT's
+    next-sentence task did, which is left out), and an unused parameter would stop DDP."""
 
     def __init__(self, cfg: BertConfig) -> None:
         super().__init__()
@@ -140,14 +135,19 @@ class BertForSequenceClassification(nn.Module):
             raise ValueError("BertForSequenceClassification needs model.num_classes")
         self.cfg = cfg
         self.bert = BertEncoder(cfg)
+        self.pooler = nn.Linear(cfg.backbone.width, cfg.backbone.width)
         self.drop = nn.Dropout(cfg.backbone.dropout)
         self.classifier = nn.Linear(cfg.backbone.width, cfg.num_classes)
-        nn.init.normal_(self.classifier.weight, std=0.02)
-        nn.init.zeros_(self.classifier.bias)
+        for layer in (self.pooler, self.classifier):
+            nn.init.normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
 
     def forward(self, tokens: Tensor, padding_mask: Tensor | None = None, token_types: Tensor | None = None) -> Tensor:
-        _, pooled = self.bert(tokens, padding_mask, token_types)
-        return self.classifier(self.drop(pooled))
+        return self.classifier(self.drop(self.pooled(tokens, padding_mask, token_types)))
+
+    def pooled(self, tokens: Tensor, padding_mask: Tensor | None = None, token_types: Tensor | None = None) -> Tensor:
+        """(B, T) -> (B, D): the [CLS] position's final state through the pooler."""
+        return torch.tanh(self.pooler(self.bert(tokens, padding_mask, token_types)[:, 0]))
 
     def training_flops(self, batch: int, length: int) -> float:
         """Forward + backward FLOPs: the backbone's; the pooler and classifier act on one position (negligible)."""

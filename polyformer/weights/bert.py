@@ -8,7 +8,7 @@ fused `qkv` (ordered q, k, v); its `nn.Linear` weights are already (out, in), li
 `convert_bert` maps a `BertForMaskedLM` / `BertForSequenceClassification` / `BertModel` state dict to ours and says
 what its shapes need; `bert_config` reads what only `config.json` knows; `load_hf_bert` is
 `init_from="hf:<save_pretrained folder or hub name>"` for both of our BERT models. Parts the source lacks keep the
-model's initialisation: the pooler (transformers' `BertForMaskedLM` has none), a classifier (a pre-trained encoder
+model's initialisation: the pooler and classifier (transformers' `BertForMaskedLM` has neither: a pre-trained encoder
 gets a new head), the MLM head (a classifier's source).
 """
 
@@ -90,7 +90,7 @@ def convert_bert(state_dict: dict[str, Tensor], vocab_rows: int) -> tuple[dict[s
             for name, mine in _LAYER.items():
                 out[f"{ours}{mine}.{part}"] = sd[f"{theirs}{name}.{part}"]
     if "pooler.dense.weight" in sd:
-        out["bert.pooler.weight"], out["bert.pooler.bias"] = sd["pooler.dense.weight"], sd["pooler.dense.bias"]
+        out["pooler.weight"], out["pooler.bias"] = sd["pooler.dense.weight"], sd["pooler.dense.bias"]
     if "cls.predictions.bias" in sd:
         for name, mine in _HEAD.items():
             out[f"{mine}.weight"], out[f"{mine}.bias"] = sd[f"{name}.weight"], sd[f"{name}.bias"]
@@ -182,7 +182,8 @@ def load_hf_bert(name: str, model: nn.Module) -> dict[str, Tensor]:
 
 def load_encoder(model: nn.Module, source: str) -> None:
     """`init_from=<our .ckpt or .safetensors>` for a BERT model whose head may differ from the source's (a masked-LM
-    checkpoint into a classifier): the encoder (`bert.*`) must fit exactly, every config key that differs named."""
+    checkpoint into a classifier: the pooler and classifier start fresh): the encoder (`bert.*`) must fit exactly,
+    every config key that differs named."""
     from polyformer.weights import checkpoint_model_state
 
     if source.endswith(".safetensors"):

@@ -56,8 +56,7 @@ def test_masked_lm_logits_match(references):
     model = BertForMaskedLM(cfg)
     shapes, state = convert_bert(mlm.state_dict(), cfg.padded_vocab_size)
     assert shapes["backbone.depth"] == 3 and shapes["backbone.width"] == 64 and shapes["backbone.mlp_ratio"] == 2.0
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert missing == ["bert.pooler.weight", "bert.pooler.bias"] and not unexpected  # transformers' MLM has no pooler
+    model.load_state_dict(state, strict=True)  # every weight of ours has its counterpart
     tokens, mask, types = inputs()
     with torch.no_grad():
         expected = mlm(tokens, attention_mask=mask.long(), token_type_ids=types).logits
@@ -78,7 +77,7 @@ def test_pooled_output_and_classifier_logits_match(references):
     with torch.no_grad():
         out = cls(tokens, attention_mask=mask.long(), token_type_ids=types, output_hidden_states=True)
         pooled = cls.bert(tokens, attention_mask=mask.long(), token_type_ids=types).pooler_output
-        torch.testing.assert_close(model.bert(tokens, mask, types)[1], pooled, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.pooled(tokens, mask, types), pooled, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model(tokens, mask, types), out.logits, rtol=1e-5, atol=1e-5)
 
 
