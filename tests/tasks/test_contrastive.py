@@ -206,7 +206,8 @@ def test_media_shows_similarity_zero_shot_per_class_and_retrieval(tmp_path):
     batch = {k: v[:6] for k, v in next(iter(data.val_dataloader())).items()}  # the callback's first rows
     items = model.media(batch, MediaRequest(num_samples=3, similarity_size=4))
     by_key = {getattr(item, "key", "scalars"): item for item in items}
-    assert set(by_key) == {"similarity", "zero_shot_per_class", "scalars", "retrieval"}
+    # + the image tower's attention overlay (drawn by the media callback from recorded attention; tested there)
+    assert set(by_key) == {"similarity", "zero_shot_per_class", "scalars", "retrieval", "attention_overlay"}
 
     heatmap = by_key["similarity"]
     assert isinstance(heatmap, Heatmap) and heatmap.matrix.shape == (4, 4)

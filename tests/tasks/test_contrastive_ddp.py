@@ -1,5 +1,6 @@
 """CLIP under DDP: 2 gloo processes on CPU give the single-process loss and gradients on the concatenated batch (with
-the contrastive loss and with SigLIP's sigmoid loss, whose bias must get the same gradient too), and the same zero-shot and retrieval metrics over an evaluation set split unevenly across the ranks."""
+the contrastive loss and with SigLIP's sigmoid loss, whose bias must get the same gradient too), and the same
+zero-shot and retrieval metrics over an evaluation set split unevenly across the ranks."""
 
 import importlib.util
 import os

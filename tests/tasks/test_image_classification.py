@@ -17,7 +17,7 @@ from polyformer.models.image_tower import resize_pos_embed
 from polyformer.models.vit import ViT
 from polyformer.tasks.base import OptimizerConfig
 from polyformer.tasks.image_classification import ImageClassifier, MixupConfig
-from polyformer.tasks.media import Heatmap, Images, MediaRequest
+from polyformer.tasks.media import AttentionOverlay, Heatmap, Images, MediaRequest
 
 TINY = TransformerConfig(width=32, depth=2, heads=2, dropout=0.0)
 # training_step called directly (no Trainer) logs into the void: Lightning warns, the loss is still what we test.
@@ -131,7 +131,9 @@ def test_validation_exposes_metrics_confusion_matrix_and_misclassified_images(tm
 
     # What the media callback logs: the confusion matrix and the first misclassified images, captioned.
     batch = next(iter(data.val_dataloader()))
-    heat, shots = task.media((batch[0][:4], batch[1][:4]), MediaRequest(num_samples=3))
+    # + the attention overlay item, which the media callback draws from recorded attention (tested there)
+    heat, shots, overlay = task.media((batch[0][:4], batch[1][:4]), MediaRequest(num_samples=3))
+    assert isinstance(overlay, AttentionOverlay) and overlay.key == "attention_overlay"
     assert isinstance(heat, Heatmap) and heat.key == "confusion_matrix" and torch.equal(heat.matrix, cm)
     assert heat.xlabels == heat.ylabels == DIGIT_NAMES and (heat.xlabel, heat.ylabel) == ("predicted", "true")
     assert heat.annotate  # 10 classes: each cell's count is written
