@@ -134,12 +134,29 @@ def make_cli_class() -> type:
             # the file is a safe, readable checkpoint; TaskModule.on_load_checkpoint then names any mismatching field.
             subcommand = self.config.get("subcommand")
             ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if ckpt_path == "last":
+                ckpt_path = self._latest_run_checkpoint(subcommand) or ckpt_path
+                self.config[subcommand]["ckpt_path"] = ckpt_path
             if ckpt_path and os.path.isfile(ckpt_path):
                 from polyformer.checkpointing.files import load_checkpoint
 
                 load_checkpoint(ckpt_path, mmap=True)  # mmap: tensors are not read, only the structure is checked
                 # Through `latest` the path would name the new run's directory once the run sets up: fix it now.
                 self.config[subcommand]["ckpt_path"] = os.path.realpath(ckpt_path)
+
+        def _latest_run_checkpoint(self, subcommand: str) -> str | None:
+            """`--ckpt_path last`: the last checkpoint of the newest run, `<default_root_dir>/latest/checkpoints`.
+            Lightning would look in this run's own checkpoint folder, which is new and empty (one directory per run),
+            unless a checkpoint callback pins a `dirpath`: then Lightning's own lookup is left to find it."""
+            trainer = self.config[subcommand].get("trainer") or {}
+            callbacks = trainer.get("callbacks") or []
+            for cb in callbacks if isinstance(callbacks, list) else [callbacks]:
+                init_args = cb.get("init_args") if hasattr(cb, "get") else None  # a Namespace or dict from the config
+                if init_args is not None and init_args.get("dirpath"):
+                    return None
+            root = trainer.get("default_root_dir") or os.getcwd()
+            last = Path(root) / "latest" / "checkpoints" / "last.ckpt"  # a folder for sharded (FSDP) checkpoints
+            return os.path.realpath(last) if last.exists() else None
 
         def instantiate_trainer(self, **kwargs: Any) -> Any:
             from lightning.pytorch.callbacks import ProgressBar

@@ -86,7 +86,10 @@ def test_ckpt_path_last_resumes_exactly(task, tmp_path, cache, straight):
     last = last_checkpoint(tmp_path)
     assert torch.load(last, weights_only=True)["global_step"] == N // 2
     polyformer([*args, f"--trainer.max_steps={N}", "--ckpt_path=last"], tmp_path, cache)
-    resumed = torch.load(last, weights_only=True)
+    # `last` = the newest run's last checkpoint; the resumed fit writes into a run directory of its own (`latest`).
+    resumed_path = tmp_path / "latest" / "checkpoints" / "last.ckpt"
+    assert resumed_path.resolve() != last.resolve() and torch.load(last, weights_only=True)["global_step"] == N // 2
+    resumed = torch.load(resumed_path, weights_only=True)
     assert resumed["global_step"] == N
     assert_same_weights(task, straight_weights(reference), resumed["state_dict"], "with --ckpt_path last")
 
