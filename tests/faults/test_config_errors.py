@@ -31,7 +31,7 @@ CASES = {
     "wrong type": (["--model.backbone.depth=abc"], ["model.backbone.depth: expected int, got 'abc'"]),
     "not one of the choices": (
         ["--model.backbone.activation=gleu"],
-        ["model.backbone.activation: 'gleu' is not accepted", "relu, gelu, gelu_tanh", "did you mean 'gelu'"],
+        ["model.backbone.activation: 'gleu' is not accepted", "relu, relu2, gelu, gelu_tanh", "did you mean 'gelu'"],
     ),
     "precision": (["--trainer.precision=17"], ["trainer.precision: '17' is not accepted", "bf16-mixed, 32-true"]),
     "guards mode": (["--guards.on_nonfinite=maybe"], ["guards.on_nonfinite: 'maybe'", "stop, skip, off"]),
