@@ -138,7 +138,7 @@ def test_format1_lm_resumes_through_the_cli(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "callbacks used to create the checkpoint" not in proc.stderr  # every callback state was found
-    ckpt = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    ckpt = read_checkpoint(tmp_path / "run" / "latest" / "checkpoints" / "last.ckpt")  # the fit's run directory
     assert ckpt["global_step"] == 3  # 2 steps from the fixture, then one more
     assert ckpt["polyformer"]["format"] == CHECKPOINT_FORMAT
     assert ckpt["optimizer_states"][0]["state"][0]["step"].item() == 3  # Adam's moments continued, not restarted
