@@ -91,9 +91,15 @@ class MaskedLM(TaskModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         nats, correct, count = self.masked_loss(batch)
-        loss = nats / count.clamp(min=1)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/accuracy", correct / count.clamp(min=1))
+        # The mean over the selected tokens of the *global* batch: ranks select different numbers of tokens, so the
+        # mean of per-rank means (what DDP's gradient averaging would give) is another loss than one process's.
+        # Each rank divides its sum by the global count and scales by the world size, which DDP averages away.
+        strategy = self.trainer.strategy
+        stats = strategy.reduce(torch.stack([nats.detach(), correct.float(), count.float()]), reduce_op="sum")
+        total = stats[2].clamp(min=1)
+        loss = nats * self.trainer.world_size / total
+        self.log("train/loss", stats[0] / total, prog_bar=True)
+        self.log("train/accuracy", stats[1] / total)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
